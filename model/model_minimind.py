@@ -1,0 +1,289 @@
+"""MiniMind: a Qwen3-style decoder, readable top to bottom.
+
+Notable choices:
+- Parameter names are exactly Hugging Face Qwen3's, so a state dict moves to `Qwen3ForCausalLM` unchanged.
+- Pre-norm RMSNorm, RoPE (theta 1e6, rotate-half layout), grouped-query attention with a per-head
+  RMSNorm on q and k (Qwen3), SwiGLU MLP, tied input/output embeddings.
+- Attention is `F.scaled_dot_product_attention`; the KV cache is preallocated so decoding never
+  re-copies the past (`KVCache`).
+"""
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MiniMindConfig:
+    vocab_size: int = 6400
+    hidden_size: int = 768
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    head_dim: Optional[int] = None           # None: hidden_size // num_attention_heads
+    intermediate_size: Optional[int] = None  # None: ceil(hidden_size * pi / 64) * 64, MiniMind-3's rule
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1e6
+    dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.intermediate_size is None:
+            self.intermediate_size = math.ceil(self.hidden_size * math.pi / 64) * 64
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MiniMindConfig":
+        # Foreign configs (MiniMind's, Hugging Face's) carry extra keys; keep only ours.
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    past_key_values: Optional["KVCache"] = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 (bf16 sums of squares lose digits), then cast back as Qwen3 does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos and sin for the given positions, shape (T, head_dim), in the rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    freqs = torch.outer(positions.float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Per-layer key/value buffers, preallocated and grown by doubling, so a decode step writes one slot."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.values: list[Optional[torch.Tensor]] = [None] * num_layers
+        self.length = 0  # tokens already stored (same for every layer once a forward completes)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Append k, v of shape (B, kv_heads, T, head_dim) at position self.length; return the full past."""
+        start, end = self.length, self.length + k.shape[2]
+        buf_k = self.keys[layer]
+        if buf_k is None or buf_k.shape[2] < end:
+            capacity = max(end, 2 * (buf_k.shape[2] if buf_k is not None else 0), 64)
+            new_k = k.new_empty(k.shape[0], k.shape[1], capacity, k.shape[3])
+            new_v = v.new_empty(new_k.shape)
+            if buf_k is not None:
+                new_k[:, :, :start] = buf_k[:, :, :start]
+                new_v[:, :, :start] = self.values[layer][:, :, :start]
+            self.keys[layer], self.values[layer] = new_k, new_v
+        self.keys[layer][:, :, start:end] = k
+        self.values[layer][:, :, start:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # Qwen3: per-head norm keeps logits bounded
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.dropout = config.dropout
+
+    def forward(self, x, cos, sin, cache: Optional[KVCache] = None, mask: Optional[torch.Tensor] = None):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        if self.n_kv_heads != self.n_heads:
+            # Expanding K/V beats SDPA's enable_gqa on CPU, which falls back to the math kernel.
+            rep = self.n_heads // self.n_kv_heads
+            k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
+            v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
+        # A query block that covers every key is plain causal; a single new query sees everything.
+        is_causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MiniMindConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
+        return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class MiniMindModel(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MiniMindForCausalLM(nn.Module):
+    def __init__(self, config: MiniMindConfig):
+        super().__init__()
+        self.config = config
+        self.model = MiniMindModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+        # GPT-2's trick: shrink the projections that write into the residual stream by depth.
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.num_hidden_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def forward(self, input_ids, labels=None, attention_mask=None, past_key_values: Optional[KVCache] = None,
+                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """attention_mask (B, T_past + T), 1 = real token, is only needed for left-padded batches.
+        logits_to_keep > 0 computes logits for the last positions only (generation needs one)."""
+        B, T = input_ids.shape
+        cache = past_key_values if past_key_values is not None else (
+            KVCache(self.config.num_hidden_layers) if use_cache else None)
+        past = cache.length if cache is not None else 0
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(past, past + T, device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        mask = self._attention_bias(attention_mask, T, past, x.device)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, mask)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        loss = None
+        if labels is not None:
+            # Position t predicts token t+1; -100 marks positions without a target (prompt, padding).
+            # Sum / count rather than mean: a batch whose targets were all truncated away gives 0, not NaN.
+            targets = labels[:, 1:].reshape(-1)
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets,
+                                   ignore_index=-100, reduction="sum") / (targets != -100).sum().clamp(min=1)
+        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
+
+    @staticmethod
+    def _attention_bias(attention_mask, T, past, device):
+        """None when plain causal attention is right (the fast path); else a boolean (B, 1, T, past+T) mask."""
+        if attention_mask is None and (past == 0 or T == 1):
+            return None
+        total = past + T
+        causal = torch.ones(T, total, dtype=torch.bool, device=device).tril(diagonal=past)
+        if attention_mask is None:
+            return causal
+        keep = causal[None, None] & attention_mask[:, None, None, :total].bool()
+        # A query on a pad position may see nothing, and softmax over nothing is NaN: let it see all (ignored).
+        return keep | ~keep.any(-1, keepdim=True)
+
+    @torch.inference_mode()
+    def stream_generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+                        top_k: int = 0, eos_token_id: Optional[int] = None, attention_mask=None,
+                        repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
+        """Yield the next tokens, shape (B,), one step at a time, reusing the KV cache.
+        temperature 0 is greedy; rows that have produced eos keep yielding eos."""
+        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+        cache = KVCache(self.config.num_hidden_layers)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        seen = input_ids
+        out = self(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(max_new_tokens):
+            logits = out.logits[:, -1].float()
+            if repetition_penalty != 1.0:
+                prev = logits.gather(1, seen)
+                logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+            token = sample_next(logits, temperature, top_p, top_k)
+            token = torch.where(done, torch.full_like(token, eos), token)
+            done |= token == eos
+            yield token
+            if bool(done.all()):
+                return
+            seen = torch.cat([seen, token[:, None]], dim=1) if repetition_penalty != 1.0 else seen
+            if attention_mask is not None:
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
+            out = self(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+
+    def generate(self, input_ids, max_new_tokens: int = 256, **kwargs) -> torch.Tensor:
+        """Prompt followed by the generated tokens, (B, T + new), like Hugging Face's generate."""
+        new = list(self.stream_generate(input_ids, max_new_tokens, **kwargs))
+        return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token once the mass before it already reaches top_p; the first token always stays.
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
