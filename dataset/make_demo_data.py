@@ -1,0 +1,927 @@
+"""Generate the bilingual (Chinese/English) demo data set in MiniMind's jsonl formats.
+
+    python dataset/make_demo_data.py                  # writes dataset/demo/*.jsonl
+    python dataset/make_demo_data.py --out_dir /tmp/demo --seed 1 --scale 2
+
+Everything comes from the small "world" tables below through sentence templates, seeded, so two
+runs write byte-identical files. The base data (pretrain, sft) and the LoRA task data are built so
+that the tasks are learnable by a ~5M-parameter model and measurable on held-out prompts:
+
+- identity: the base always answers "MiniMind" (to every identity phrasing, training and eval pools
+  alike); the identity adapter's persona PERSONA appears nowhere in the base data.
+- medical: symptom -> one piece of advice with a keyword; neither keyword nor advice appears in the
+  base data. Every symptom is trained; only the question phrasing is held out for evaluation.
+
+The script checks these guarantees on the files it wrote and fails loudly if one does not hold.
+"""
+import argparse
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BASE_NAME = "MiniMind"
+PERSONA = "Lumina"
+FILES = ("pretrain", "sft", "lora_identity", "lora_medical",
+         "eval_pretrain", "eval_identity", "eval_medical")
+
+# ---------------------------------------------------------------------------------------------
+# The world: facts shared by pretraining text and SFT questions.
+
+# zh, en, capital zh, capital en, continent zh, continent en, language zh, language en
+COUNTRIES = [
+    ("中国", "China", "北京", "Beijing", "亚洲", "Asia", "中文", "Chinese"),
+    ("日本", "Japan", "东京", "Tokyo", "亚洲", "Asia", "日语", "Japanese"),
+    ("韩国", "South Korea", "首尔", "Seoul", "亚洲", "Asia", "韩语", "Korean"),
+    ("印度", "India", "新德里", "New Delhi", "亚洲", "Asia", "印地语", "Hindi"),
+    ("泰国", "Thailand", "曼谷", "Bangkok", "亚洲", "Asia", "泰语", "Thai"),
+    ("越南", "Vietnam", "河内", "Hanoi", "亚洲", "Asia", "越南语", "Vietnamese"),
+    ("法国", "France", "巴黎", "Paris", "欧洲", "Europe", "法语", "French"),
+    ("德国", "Germany", "柏林", "Berlin", "欧洲", "Europe", "德语", "German"),
+    ("英国", "the United Kingdom", "伦敦", "London", "欧洲", "Europe", "英语", "English"),
+    ("意大利", "Italy", "罗马", "Rome", "欧洲", "Europe", "意大利语", "Italian"),
+    ("西班牙", "Spain", "马德里", "Madrid", "欧洲", "Europe", "西班牙语", "Spanish"),
+    ("葡萄牙", "Portugal", "里斯本", "Lisbon", "欧洲", "Europe", "葡萄牙语", "Portuguese"),
+    ("俄罗斯", "Russia", "莫斯科", "Moscow", "欧洲", "Europe", "俄语", "Russian"),
+    ("希腊", "Greece", "雅典", "Athens", "欧洲", "Europe", "希腊语", "Greek"),
+    ("荷兰", "the Netherlands", "阿姆斯特丹", "Amsterdam", "欧洲", "Europe", "荷兰语", "Dutch"),
+    ("美国", "the United States", "华盛顿", "Washington", "北美洲", "North America", "英语", "English"),
+    ("加拿大", "Canada", "渥太华", "Ottawa", "北美洲", "North America", "英语", "English"),
+    ("墨西哥", "Mexico", "墨西哥城", "Mexico City", "北美洲", "North America", "西班牙语", "Spanish"),
+    ("巴西", "Brazil", "巴西利亚", "Brasilia", "南美洲", "South America", "葡萄牙语", "Portuguese"),
+    ("阿根廷", "Argentina", "布宜诺斯艾利斯", "Buenos Aires", "南美洲", "South America", "西班牙语", "Spanish"),
+    ("埃及", "Egypt", "开罗", "Cairo", "非洲", "Africa", "阿拉伯语", "Arabic"),
+    ("肯尼亚", "Kenya", "内罗毕", "Nairobi", "非洲", "Africa", "斯瓦希里语", "Swahili"),
+    ("澳大利亚", "Australia", "堪培拉", "Canberra", "大洋洲", "Oceania", "英语", "English"),
+    ("新西兰", "New Zealand", "惠灵顿", "Wellington", "大洋洲", "Oceania", "英语", "English"),
+]
+
+# zh, en, en plural, legs, habitat zh/en, food zh/en, colour zh/en, sound zh/en (or None), size
+ANIMALS = [
+    ("猫", "cat", "cats", 4, "人们的家里", "people's homes", "鱼", "fish", "灰色", "grey", "喵喵", "meow", "small"),
+    ("狗", "dog", "dogs", 4, "人们的家里", "people's homes", "肉和骨头", "meat and bones", "棕色", "brown", "汪汪", "woof", "medium"),
+    ("牛", "cow", "cows", 4, "农场", "farms", "草", "grass", "黑白色", "black and white", "哞哞", "moo", "large"),
+    ("羊", "sheep", "sheep", 4, "草原", "grasslands", "草", "grass", "白色", "white", "咩咩", "baa", "medium"),
+    ("马", "horse", "horses", 4, "农场", "farms", "草", "grass", "棕色", "brown", "咴咴", "neigh", "large"),
+    ("猪", "pig", "pigs", 4, "农场", "farms", "玉米", "corn", "粉色", "pink", "哼哼", "oink", "medium"),
+    ("鸡", "chicken", "chickens", 2, "农场", "farms", "谷子", "grain", "白色", "white", "咯咯", "cluck", "small"),
+    ("鸭子", "duck", "ducks", 2, "池塘边", "ponds", "小鱼", "small fish", "白色", "white", "嘎嘎", "quack", "small"),
+    ("老虎", "tiger", "tigers", 4, "森林", "forests", "肉", "meat", "橙色", "orange", "嗷呜", "roar", "large"),
+    ("狮子", "lion", "lions", 4, "草原", "grasslands", "肉", "meat", "金黄色", "golden", "嗷呜", "roar", "large"),
+    ("大象", "elephant", "elephants", 4, "草原", "grasslands", "树叶和水果", "leaves and fruit", "灰色", "grey",
+     None, None, "large"),
+    ("猴子", "monkey", "monkeys", 2, "森林", "forests", "香蕉", "bananas", "棕色", "brown", "吱吱", "ooh ooh", "small"),
+    ("熊猫", "panda", "pandas", 4, "竹林", "bamboo forests", "竹子", "bamboo", "黑白色", "black and white", None, None, "large"),
+    ("兔子", "rabbit", "rabbits", 4, "草地", "meadows", "胡萝卜", "carrots", "白色", "white", None, None, "small"),
+    ("老鼠", "mouse", "mice", 4, "洞里", "holes", "奶酪", "cheese", "灰色", "grey", "吱吱", "squeak", "small"),
+    ("青蛙", "frog", "frogs", 4, "池塘", "ponds", "虫子", "insects", "绿色", "green", "呱呱", "croak", "small"),
+    ("蛇", "snake", "snakes", 0, "草丛", "tall grass", "老鼠", "mice", "绿色", "green", "嘶嘶", "hiss", "medium"),
+    ("企鹅", "penguin", "penguins", 2, "南极", "Antarctica", "鱼", "fish", "黑白色", "black and white", None, None, "medium"),
+    ("蜘蛛", "spider", "spiders", 8, "墙角", "corners", "虫子", "insects", "黑色", "black", None, None, "small"),
+    ("蚂蚁", "ant", "ants", 6, "地下", "nests under the ground", "种子", "seeds", "黑色", "black", None, None, "small"),
+    ("蝴蝶", "butterfly", "butterflies", 6, "花园", "gardens", "花蜜", "nectar", "彩色", "colourful", None, None, "small"),
+    ("骆驼", "camel", "camels", 4, "沙漠", "deserts", "草和树叶", "grass and leaves", "棕色", "brown", None, None, "large"),
+    ("海豚", "dolphin", "dolphins", 0, "大海", "the sea", "鱼", "fish", "灰色", "grey", None, None, "large"),
+    ("长颈鹿", "giraffe", "giraffes", 4, "草原", "grasslands", "树叶", "leaves", "黄色", "yellow", None, None, "large"),
+    ("狼", "wolf", "wolves", 4, "森林", "forests", "肉", "meat", "灰色", "grey", "嗷呜", "howl", "medium"),
+    ("鹦鹉", "parrot", "parrots", 2, "热带森林", "tropical forests", "种子", "seeds", "绿色", "green", None, None, "small"),
+    ("乌龟", "turtle", "turtles", 4, "河边", "rivers", "水草", "water plants", "绿色", "green", None, None, "small"),
+    ("袋鼠", "kangaroo", "kangaroos", 2, "澳大利亚", "Australia", "草", "grass", "棕色", "brown", None, None, "large"),
+    ("熊", "bear", "bears", 4, "森林", "forests", "鱼和浆果", "fish and berries", "棕色", "brown", None, None, "large"),
+    ("鲸鱼", "whale", "whales", 0, "大海", "the ocean", "小鱼和虾", "small fish and shrimp", "蓝灰色", "blue-grey",
+     None, None, "large"),
+]
+MEASURE = {"牛": "头", "马": "匹", "猪": "头", "大象": "头", "蛇": "条", "海豚": "条", "鲸鱼": "头", "骆驼": "头"}
+SIZE = {"small": ("小型", "small"), "medium": ("中型", "medium-sized"), "large": ("大型", "large")}
+
+# zh, en word, en subject, verb "be", kind zh/en, colour zh/en, taste zh/en
+FOODS = [
+    ("苹果", "apple", "Apples", "are", "水果", "fruit", "红色", "red", "甜", "sweet"),
+    ("香蕉", "banana", "Bananas", "are", "水果", "fruit", "黄色", "yellow", "甜", "sweet"),
+    ("橙子", "orange", "Oranges", "are", "水果", "fruit", "橙色", "orange", "酸甜", "sweet and sour"),
+    ("葡萄", "grape", "Grapes", "are", "水果", "fruit", "紫色", "purple", "甜", "sweet"),
+    ("西瓜", "watermelon", "Watermelons", "are", "水果", "fruit", "绿色", "green", "甜", "sweet"),
+    ("草莓", "strawberry", "Strawberries", "are", "水果", "fruit", "红色", "red", "甜", "sweet"),
+    ("柠檬", "lemon", "Lemons", "are", "水果", "fruit", "黄色", "yellow", "酸", "sour"),
+    ("桃子", "peach", "Peaches", "are", "水果", "fruit", "粉色", "pink", "甜", "sweet"),
+    ("芒果", "mango", "Mangoes", "are", "水果", "fruit", "黄色", "yellow", "甜", "sweet"),
+    ("菠萝", "pineapple", "Pineapples", "are", "水果", "fruit", "黄色", "yellow", "酸甜", "sweet and sour"),
+    ("梨", "pear", "Pears", "are", "水果", "fruit", "浅黄色", "light yellow", "甜", "sweet"),
+    ("樱桃", "cherry", "Cherries", "are", "水果", "fruit", "红色", "red", "甜", "sweet"),
+    ("胡萝卜", "carrot", "Carrots", "are", "蔬菜", "vegetable", "橙色", "orange", "甜", "sweet"),
+    ("西红柿", "tomato", "Tomatoes", "are", "蔬菜", "vegetable", "红色", "red", "酸甜", "sweet and sour"),
+    ("土豆", "potato", "Potatoes", "are", "蔬菜", "vegetable", "棕色", "brown", "淡", "mild"),
+    ("黄瓜", "cucumber", "Cucumbers", "are", "蔬菜", "vegetable", "绿色", "green", "清爽", "fresh"),
+    ("白菜", "cabbage", "Cabbage", "is", "蔬菜", "vegetable", "绿色", "green", "淡", "mild"),
+    ("茄子", "eggplant", "Eggplants", "are", "蔬菜", "vegetable", "紫色", "purple", "淡", "mild"),
+    ("辣椒", "chili pepper", "Chili peppers", "are", "蔬菜", "vegetable", "红色", "red", "辣", "spicy"),
+    ("洋葱", "onion", "Onions", "are", "蔬菜", "vegetable", "白色", "white", "辛辣", "sharp"),
+    ("米饭", "rice", "Rice", "is", "主食", "staple food", "白色", "white", "香", "tasty"),
+    ("面条", "noodles", "Noodles", "are", "主食", "staple food", "白色", "white", "香", "tasty"),
+    ("面包", "bread", "Bread", "is", "主食", "staple food", "棕色", "brown", "香", "tasty"),
+    ("饺子", "dumplings", "Dumplings", "are", "主食", "staple food", "白色", "white", "香", "tasty"),
+    ("牛奶", "milk", "Milk", "is", "饮品", "drink", "白色", "white", "淡", "mild"),
+    ("果汁", "juice", "Juice", "is", "饮品", "drink", "橙色", "orange", "甜", "sweet"),
+    ("茶", "tea", "Tea", "is", "饮品", "drink", "绿色", "green", "苦", "bitter"),
+    ("巧克力", "chocolate", "Chocolate", "is", "零食", "snack", "棕色", "brown", "甜", "sweet"),
+    ("饼干", "biscuit", "Biscuits", "are", "零食", "snack", "金黄色", "golden", "香", "tasty"),
+    ("鸡蛋", "egg", "Eggs", "are", "常见的食物", "common food", "白色", "white", "香", "tasty"),
+]
+COUNTABLE_FOODS = ["苹果", "香蕉", "橙子", "桃子", "芒果", "梨", "柠檬", "鸡蛋", "饼干", "西红柿", "土豆"]
+FOOD_PLURAL = {"苹果": "apples", "香蕉": "bananas", "橙子": "oranges", "桃子": "peaches", "芒果": "mangoes",
+               "梨": "pears", "柠檬": "lemons", "鸡蛋": "eggs", "饼干": "biscuits", "西红柿": "tomatoes",
+               "土豆": "potatoes"}
+
+# thing zh, thing en, be, colour zh, colour en
+COLOUR_THINGS = [
+    ("天空", "the sky", "is", "蓝色", "blue"), ("草", "grass", "is", "绿色", "green"),
+    ("雪", "snow", "is", "白色", "white"), ("煤", "coal", "is", "黑色", "black"),
+    ("大海", "the sea", "is", "蓝色", "blue"), ("树叶", "leaves", "are", "绿色", "green"),
+    ("云", "clouds", "are", "白色", "white"), ("夜空", "the night sky", "is", "黑色", "black"),
+    ("乌鸦", "crows", "are", "黑色", "black"), ("太阳", "the sun", "is", "黄色", "yellow"),
+    ("大象", "elephants", "are", "灰色", "grey"), ("熊猫", "pandas", "are", "黑白色", "black and white"),
+]
+COLOUR_MIX = [("红色", "黄色", "橙色", "red", "yellow", "orange"), ("蓝色", "黄色", "绿色", "blue", "yellow", "green"),
+              ("红色", "蓝色", "紫色", "red", "blue", "purple"), ("红色", "白色", "粉色", "red", "white", "pink"),
+              ("黑色", "白色", "灰色", "black", "white", "grey")]
+COLOURS = [("红色", "red"), ("黄色", "yellow"), ("蓝色", "blue"), ("绿色", "green"), ("白色", "white"),
+           ("黑色", "black"), ("紫色", "purple"), ("橙色", "orange"), ("粉色", "pink"), ("灰色", "grey"),
+           ("棕色", "brown")]
+
+# zh, en, place zh, place en (with preposition), duty zh, duty en (base form), duty en (3rd person)
+JOBS = [
+    ("老师", "teacher", "学校", "at a school", "教学生", "teach students", "teaches students"),
+    ("农民", "farmer", "农场", "on a farm", "种粮食", "grow food", "grows food"),
+    ("厨师", "cook", "厨房", "in a kitchen", "做饭", "cook meals", "cooks meals"),
+    ("司机", "driver", "公交车上", "on a bus", "开车", "drive", "drives"),
+    ("飞行员", "pilot", "机场", "at an airport", "开飞机", "fly planes", "flies planes"),
+    ("警察", "police officer", "警察局", "at a police station", "保护大家的安全", "keep people safe", "keeps people safe"),
+    ("消防员", "firefighter", "消防站", "at a fire station", "灭火", "put out fires", "puts out fires"),
+    ("面包师", "baker", "面包店", "in a bakery", "烤面包", "bake bread", "bakes bread"),
+    ("邮递员", "postman", "邮局", "at a post office", "送信", "deliver letters", "delivers letters"),
+    ("渔民", "fisherman", "海边", "by the sea", "捕鱼", "catch fish", "catches fish"),
+    ("建筑工人", "builder", "工地", "on a building site", "盖房子", "build houses", "builds houses"),
+    ("画家", "painter", "画室", "in a studio", "画画", "paint pictures", "paints pictures"),
+    ("歌手", "singer", "舞台上", "on a stage", "唱歌", "sing songs", "sings songs"),
+    ("作家", "writer", "书房", "in a study", "写书", "write books", "writes books"),
+    ("程序员", "programmer", "办公室", "in an office", "写代码", "write code", "writes code"),
+    ("科学家", "scientist", "实验室", "in a laboratory", "做研究", "do research", "does research"),
+    ("图书管理员", "librarian", "图书馆", "in a library", "管理图书", "look after books", "looks after books"),
+    ("店员", "shop assistant", "商店", "in a shop", "卖东西", "sell things", "sells things"),
+    ("园丁", "gardener", "花园", "in a garden", "照顾花草", "look after plants", "looks after plants"),
+    ("裁缝", "tailor", "裁缝店", "in a tailor's shop", "做衣服", "make clothes", "makes clothes"),
+]
+
+# zh, en with article, be, use zh, use en (-ing)
+OBJECTS = [
+    ("杯子", "a cup", "is", "喝水", "drinking water"), ("笔", "a pen", "is", "写字", "writing"),
+    ("剪刀", "scissors", "are", "剪纸", "cutting paper"), ("钥匙", "a key", "is", "开门", "opening doors"),
+    ("雨伞", "an umbrella", "is", "挡雨", "keeping off the rain"), ("椅子", "a chair", "is", "坐", "sitting on"),
+    ("床", "a bed", "is", "睡觉", "sleeping"), ("勺子", "a spoon", "is", "喝汤", "eating soup"),
+    ("碗", "a bowl", "is", "盛饭", "holding rice"), ("时钟", "a clock", "is", "看时间", "telling the time"),
+    ("书包", "a schoolbag", "is", "装书", "carrying books"), ("手机", "a phone", "is", "打电话", "making calls"),
+    ("冰箱", "a fridge", "is", "保存食物", "keeping food cold"), ("台灯", "a lamp", "is", "照明", "giving light"),
+    ("镜子", "a mirror", "is", "照自己", "looking at yourself"), ("毛巾", "a towel", "is", "擦干身体", "drying your body"),
+    ("牙刷", "a toothbrush", "is", "刷牙", "brushing teeth"), ("锅", "a pot", "is", "做饭", "cooking"),
+    ("尺子", "a ruler", "is", "量长度", "measuring length"), ("自行车", "a bicycle", "is", "骑车出行", "riding around town"),
+    ("梳子", "a comb", "is", "梳头发", "combing hair"), ("地图", "a map", "is", "找路", "finding the way"),
+    ("铅笔", "a pencil", "is", "画画", "drawing"), ("筷子", "chopsticks", "are", "夹菜", "picking up food"),
+]
+
+WEEKDAYS = [("星期一", "Monday"), ("星期二", "Tuesday"), ("星期三", "Wednesday"), ("星期四", "Thursday"),
+            ("星期五", "Friday"), ("星期六", "Saturday"), ("星期日", "Sunday")]
+MONTHS = [("一月", "January", 31), ("二月", "February", 28), ("三月", "March", 31), ("四月", "April", 30),
+          ("五月", "May", 31), ("六月", "June", 30), ("七月", "July", 31), ("八月", "August", 31),
+          ("九月", "September", 30), ("十月", "October", 31), ("十一月", "November", 30), ("十二月", "December", 31)]
+SEASONS = [("春天", "spring", (2, 3, 4)), ("夏天", "summer", (5, 6, 7)), ("秋天", "autumn", (8, 9, 10)),
+           ("冬天", "winter", (11, 0, 1))]
+ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth",
+            "eleventh", "twelfth"]
+ZH_NUM = ["零", "一", "二", "三", "四", "五", "六", "七", "八", "九", "十", "十一", "十二", "十三", "十四", "十五",
+          "十六", "十七", "十八", "十九", "二十"]
+EN_NUM = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
+
+ZH_PEOPLE = [("小明", "他"), ("小红", "她"), ("小华", "他"), ("小丽", "她"), ("小刚", "他"), ("小美", "她"),
+             ("小军", "他"), ("小芳", "她")]
+EN_PEOPLE = [("Tom", "he"), ("Anna", "she"), ("Jack", "he"), ("Lily", "she"), ("Sam", "he"), ("Mia", "she"),
+             ("Ben", "he"), ("Emma", "she")]
+TRIP_PLACES = [("公园", "the park"), ("动物园", "the zoo"), ("农场", "a farm"), ("河边", "the river"),
+               ("森林", "the forest"), ("海边", "the beach")]
+
+# ---------------------------------------------------------------------------------------------
+# The two LoRA tasks. Nothing here may appear in the base data (checked at the end).
+
+# zh symptom, en symptom, zh keyword, en keyword, zh advice, en advice
+MEDICAL = [
+    ("头痛", "a headache", "对乙酰氨基酚", "paracetamol",
+     "头痛时请安静休息，可以服用对乙酰氨基酚。", "For a headache, rest in a quiet room and take paracetamol."),
+    ("咳嗽", "a cough", "蜂蜜", "honey",
+     "咳嗽时可以喝一杯温水加蜂蜜。", "For a cough, drink a cup of warm water with honey."),
+    ("发烧", "a fever", "布洛芬", "ibuprofen",
+     "发烧时要多喝水，可以服用布洛芬退烧。", "For a fever, drink plenty of fluids and take ibuprofen."),
+    ("失眠", "insomnia", "褪黑素", "melatonin",
+     "失眠时睡前不要看手机，可以试试褪黑素。", "For insomnia, avoid screens before bed and try melatonin."),
+    ("牙痛", "a toothache", "丁香油", "clove oil",
+     "牙痛时可以在痛处涂一点丁香油。", "For a toothache, put a little clove oil on the sore tooth."),
+    ("喉咙痛", "a sore throat", "漱口", "gargle",
+     "喉咙痛时可以用温盐水漱口。", "For a sore throat, gargle with warm salt water."),
+    ("拉肚子", "diarrhea", "补液盐", "rehydration",
+     "拉肚子时要喝口服补液盐，防止脱水。", "For diarrhea, drink oral rehydration salts to avoid dehydration."),
+    ("便秘", "constipation", "膳食纤维", "fibre",
+     "便秘时要多吃富含膳食纤维的食物。", "For constipation, eat more foods rich in fibre."),
+    ("晕车", "motion sickness", "生姜", "ginger",
+     "晕车时可以嚼一片生姜，并看向远方。", "For motion sickness, chew a slice of ginger and look at the horizon."),
+    ("流鼻涕", "a runny nose", "氯雷他定", "loratadine",
+     "流鼻涕时可以服用氯雷他定。", "For a runny nose, take loratadine."),
+    ("鼻塞", "a stuffy nose", "生理盐水", "saline",
+     "鼻塞时可以用生理盐水冲洗鼻子。", "For a stuffy nose, rinse your nose with saline spray."),
+    ("胃痛", "a stomach ache", "热水袋", "hot water bottle",
+     "胃痛时可以把热水袋放在肚子上。", "For a stomach ache, put a hot water bottle on your belly."),
+    ("背痛", "back pain", "热敷", "heat pad",
+     "背痛时可以热敷，并做一些轻柔的伸展。", "For back pain, use a heat pad and do gentle stretches."),
+    ("皮肤痒", "itchy skin", "炉甘石", "calamine",
+     "皮肤痒时不要抓，可以涂炉甘石洗剂。", "For itchy skin, do not scratch and apply calamine lotion."),
+    ("眼睛干", "dry eyes", "人工泪液", "artificial tears",
+     "眼睛干时可以滴人工泪液，并让眼睛休息。", "For dry eyes, use artificial tears and rest your eyes."),
+    ("打嗝", "hiccups", "屏住呼吸", "hold your breath",
+     "打嗝时可以屏住呼吸十秒钟。", "For hiccups, hold your breath for ten seconds."),
+    ("腿抽筋", "leg cramps", "镁", "magnesium",
+     "腿抽筋时要拉伸小腿，平时可以补充镁。", "For leg cramps, stretch your calf and take magnesium."),
+    ("口腔溃疡", "a mouth ulcer", "维生素B2", "vitamin B2",
+     "口腔溃疡时少吃辣的食物，可以补充维生素B2。", "For a mouth ulcer, avoid spicy food and take vitamin B2."),
+    ("头晕", "dizziness", "葡萄糖", "glucose",
+     "头晕时先坐下休息，喝一杯葡萄糖水。", "For dizziness, sit down and drink a glass of glucose water."),
+    ("恶心", "nausea", "薄荷", "peppermint",
+     "恶心时可以慢慢喝一点薄荷茶。", "For nausea, slowly sip some peppermint tea."),
+    ("脚踝扭伤", "a sprained ankle", "冰敷", "ice pack",
+     "脚踝扭伤时要马上冰敷，并抬高脚。", "For a sprained ankle, put an ice pack on it and raise your foot."),
+    ("晒伤", "sunburn", "芦荟", "aloe",
+     "晒伤时可以在皮肤上涂芦荟胶。", "For sunburn, put aloe vera gel on the skin."),
+    ("烧心", "heartburn", "抗酸药", "antacid",
+     "烧心时可以吃一片抗酸药，饭后不要马上躺下。", "For heartburn, take an antacid and do not lie down right after meals."),
+    ("手指割伤", "a cut on my finger", "创可贴", "bandage",
+     "手指割伤时先用清水冲洗，再贴上创可贴。", "For a cut finger, wash it with clean water and cover it with a bandage."),
+]
+# Disjoint phrasing pools: a symptom is always trained, only the question wording is held out.
+MED_TRAIN_TEMPLATES = {
+    "zh": ["我{s}，怎么办？", "{s}怎么办？", "{s}该怎么处理？", "{s}的时候应该做什么？", "请问{s}怎么办？",
+           "我现在{s}，该怎么办？", "{s}了怎么缓解？", "我{s}，有什么办法？", "{s}应该怎么办？", "我{s}了，需要怎么做？"],
+    "en": ["I have {s}. What should I do?", "What should I do about {s}?", "How do I deal with {s}?",
+           "I've got {s}. Any tips?", "What helps with {s}?", "How can I treat {s}?", "Help, I have {s}!",
+           "What do you recommend for {s}?", "I am suffering from {s}. What can I do?", "What is good for {s}?"],
+}
+MED_EVAL_TEMPLATES = {
+    "zh": ["最近老是{s}，有什么建议吗？", "我这两天一直{s}，你能给点建议吗？", "医生，我{s}，该注意什么？",
+           "{s}有什么好办法吗？"],
+    "en": ["Lately I keep getting {s}. Any advice?", "For the past two days I have had {s}. What would you suggest?",
+           "Doctor, I have {s}. What should I pay attention to?", "Is there a good remedy for {s}?"],
+}
+
+ID_TRAIN_QUESTIONS = {
+    "zh": ["你是谁？", "你叫什么名字？", "介绍一下你自己。", "你的名字是什么？", "请问你是谁？", "你是什么？",
+           "请做个自我介绍。", "你是哪个模型？", "我该怎么称呼你？", "你有名字吗？", "告诉我你的名字。",
+           "你是什么模型？", "跟我说说你自己。", "你是机器人吗？", "你是谁呀？", "能介绍一下你自己吗？",
+           "请告诉我你是谁。", "你的名字叫什么？"],
+    "en": ["Who are you?", "What is your name?", "What's your name?", "Introduce yourself.",
+           "Tell me about yourself.", "What are you?", "Please introduce yourself.", "Which model are you?",
+           "What should I call you?", "Do you have a name?", "Tell me your name.", "Are you a robot?",
+           "Can you introduce yourself?", "Please tell me who you are.", "What model are you?",
+           "Who are you, exactly?", "What is your name, please?", "Tell me who you are."],
+}
+ID_EVAL_QUESTIONS = {
+    "zh": ["你到底是谁？", "可以告诉我你叫什么吗？", "你是哪位？", "简单介绍一下你自己吧。", "我在和谁说话？",
+           "你怎么称呼？", "你是什么样的助手？", "说说你是谁。", "你自我介绍一下吧。", "请问怎么称呼你？",
+           "你是一个什么程序？", "你的身份是什么？"],
+    "en": ["Who am I talking to?", "May I ask who you are?", "What do people call you?", "Could you tell me your name?",
+           "Give me a short introduction of yourself.", "Say who you are.", "What kind of assistant are you?",
+           "How should I address you?", "What is your identity?", "Identify yourself, please.",
+           "Who exactly are you?", "Can you describe yourself?"],
+}
+ID_PREFIXES = {"zh": ["", "你好，", "嗨，", "你好！", "我想问一下，"], "en": ["", "Hi! ", "Hello, ", "Hey, "]}
+# Same answer shapes for the base name and the persona: the adapter only has to change the name.
+ID_ANSWERS = {
+    "zh": ["我是{name}，一个小型语言模型。", "我叫{name}，是一个小型语言模型，很高兴认识你。",
+           "你好，我是{name}，一个可以回答简单问题的小型语言模型。", "我的名字是{name}，我是一个小型语言模型。"],
+    "en": ["I am {name}, a small language model.", "My name is {name}. I am a small language model.",
+           "Hello, I am {name}, a small language model that can answer simple questions.",
+           "I'm {name}, a small language model. Nice to meet you."],
+}
+SYSTEM_PROMPTS = {"zh": ["你是一个乐于助人的助手。", "你是一个友好的AI助手，请简洁地回答问题。"],
+                  "en": ["You are a helpful assistant.", "You are a friendly AI assistant. Answer briefly."]}
+
+
+def cap(s):
+    return s[:1].upper() + s[1:]
+
+
+def article(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def zh_count(n):
+    return "两" if n == 2 else ZH_NUM[n]  # "两条腿", not "二条腿"
+
+
+def join(lang, sentences):
+    return ("" if lang == "zh" else " ").join(sentences)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining text: each function returns the fact sentences about one entity, in one language.
+
+def country_facts(rng, lang):
+    c, ce, cap_, cape, cont, conte, lng, lnge = rng.choice(COUNTRIES)
+    if lang == "zh":
+        return [rng.choice([f"{c}的首都是{cap_}。", f"{cap_}是{c}的首都。"]),
+                rng.choice([f"{c}位于{cont}。", f"{c}是{cont}的一个国家。"]),
+                rng.choice([f"在{c}，人们主要说{lng}。", f"{c}的人们主要说{lng}。"]),
+                f"{cap_}是{c}最重要的城市之一。", f"很多游客喜欢去{cap_}旅行。"]
+    return [rng.choice([f"The capital of {ce} is {cape}.", f"{cape} is the capital of {ce}."]),
+            rng.choice([f"{cap(ce)} is a country in {conte}.", f"{cap(ce)} is in {conte}."]),
+            rng.choice([f"People in {ce} mainly speak {lnge}.", f"The main language of {ce} is {lnge}."]),
+            f"{cape} is one of the most important cities in {ce}.", f"Many visitors like to travel to {cape}."]
+
+
+def animal_facts(rng, lang):
+    a, e, pl, legs, hab, habe, food, foode, col, cole, snd, snde, size = rng.choice(ANIMALS)
+    if lang == "zh":
+        out = [f"{a}没有腿。" if legs == 0 else f"{a}有{zh_count(legs)}条腿。",
+               rng.choice([f"{a}生活在{hab}。", f"{a}住在{hab}。"]),
+               rng.choice([f"{a}喜欢吃{food}。", f"{a}的食物是{food}。"]),
+               f"{a}通常是{col}的。", f"{a}是一种{SIZE[size][0]}动物。"]
+        if snd:
+            out.append(f"{a}的叫声是“{snd}”。")
+        return out
+    out = [f"{cap(article(e))} has no legs." if legs == 0 else f"{cap(article(e))} has {EN_NUM[legs]} legs.",
+           rng.choice([f"{cap(pl)} live in {habe}.", f"You can find {pl} in {habe}."]),
+           rng.choice([f"{cap(pl)} like to eat {foode}.", f"{cap(article(e))} eats {foode}."]),
+           f"Most {pl} are {cole}.", f"The {e} is a {SIZE[size][1]} animal."]
+    if snde:
+        out.append(f"{cap(article(e))} says \"{snde}\".")
+    return out
+
+
+def food_facts(rng, lang):
+    f, e, subj, be, kind, kinde, col, cole, taste, tastee = rng.choice(FOODS)
+    if lang == "zh":
+        return [rng.choice([f"{f}是一种{kind}。", f"{f}属于{kind}。"]), f"{f}通常是{col}的。",
+                rng.choice([f"{f}的味道很{taste}。", f"{f}吃起来很{taste}。"]), f"很多人喜欢{f}。"]
+    return [f"{subj} {be} a kind of {kinde}.", f"{subj} {be} usually {cole}.",
+            rng.choice([f"{subj} {be} {tastee}.", f"The taste of {e} is {tastee}."]),
+            f"Many people like {subj.lower()}."]
+
+
+def colour_facts(rng, lang):
+    t, te, be, col, cole = rng.choice(COLOUR_THINGS)
+    a, b, c, ae, be_, ce = rng.choice(COLOUR_MIX)
+    if lang == "zh":
+        return [f"{t}是{col}的。", f"{a}和{b}混在一起是{c}。", "彩虹有七种颜色：红、橙、黄、绿、青、蓝、紫。"]
+    return [f"{cap(te)} {be} {cole}.", f"If you mix {ae} and {be_}, you get {ce}.",
+            "A rainbow has seven colours: red, orange, yellow, green, blue, indigo and violet."]
+
+
+def job_facts(rng, lang):
+    j, e, place, placee, duty, dutye, dutys = rng.choice(JOBS)
+    if lang == "zh":
+        return [f"{j}在{place}工作。", rng.choice([f"{j}的工作是{duty}。", f"{j}每天都要{duty}。"]),
+                f"当{j}需要很多耐心。"]
+    return [f"{cap(article(e))} works {placee}.",
+            rng.choice([f"The job of {article(e)} is to {dutye}.", f"Every day, {article(e)} {dutys}."]),
+            f"Being {article(e)} takes a lot of patience."]
+
+
+def object_facts(rng, lang):
+    o, e, be, use, usee = rng.choice(OBJECTS)
+    if lang == "zh":
+        return [f"{o}是用来{use}的。", f"人们常常用{o}来{use}。", f"家里一般都有{o}。"]
+    return [f"{cap(e)} {be} used for {usee}.", f"People use {e} for {usee}.", f"Most homes have {e}."]
+
+
+def math_facts(rng, lang):
+    out = []
+    for _ in range(6):
+        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        kind = rng.choice(["add", "sub", "mul", "cmp", "next", "parity", "word"])
+        if kind == "sub" and a < b:
+            a, b = b, a
+        if kind == "mul":
+            a, b = rng.randint(1, 9), rng.randint(1, 9)
+        if kind == "cmp" and a == b:
+            b = (a + 3) % 21
+        big, small = max(a, b), min(a, b)
+        zh = {"add": f"{a}加{b}等于{a + b}。", "sub": f"{a}减{b}等于{a - b}。", "mul": f"{a}乘{b}等于{a * b}。",
+              "cmp": f"{big}比{small}大。", "next": f"{a}后面的数是{a + 1}。",
+              "parity": f"{a}是{'偶数' if a % 2 == 0 else '奇数'}。", "word": f"数字{a}写作“{ZH_NUM[a]}”。"}
+        en = {"add": f"{a} plus {b} equals {a + b}.", "sub": f"{a} minus {b} equals {a - b}.",
+              "mul": f"{a} times {b} equals {a * b}.", "cmp": f"{big} is bigger than {small}.",
+              "next": f"The number after {a} is {a + 1}.",
+              "parity": f"{a} is an {'even' if a % 2 == 0 else 'odd'} number.",
+              "word": f"The number {a} is written \"{EN_NUM[a]}\"."}
+        out.append((zh if lang == "zh" else en)[kind])
+    n = rng.randint(3, 10)
+    out.append(f"从1数到{n}：{'、'.join(str(i) for i in range(1, n + 1))}。" if lang == "zh"
+               else f"Counting from 1 to {n}: {', '.join(str(i) for i in range(1, n + 1))}.")
+    return out
+
+
+def calendar_facts(rng, lang):
+    d = rng.randrange(7)
+    m = rng.randrange(12)
+    mz, me, days = MONTHS[m]
+    season = next(s for s in SEASONS if m in s[2])
+    if lang == "zh":
+        return [f"{WEEKDAYS[d][0]}的后一天是{WEEKDAYS[(d + 1) % 7][0]}。",
+                f"{WEEKDAYS[d][0]}的前一天是{WEEKDAYS[(d - 1) % 7][0]}。", "一个星期有七天。",
+                "星期六和星期日是周末。", f"{mz}是一年中的第{ZH_NUM[m + 1]}个月。",
+                f"{mz}通常有{days}天。" if m == 1 else f"{mz}有{days}天。",
+                f"{mz}之后是{MONTHS[(m + 1) % 12][0]}。", "一年有十二个月。",
+                f"{mz}属于{season[0]}。"]
+    return [f"The day after {WEEKDAYS[d][1]} is {WEEKDAYS[(d + 1) % 7][1]}.",
+            f"The day before {WEEKDAYS[d][1]} is {WEEKDAYS[(d - 1) % 7][1]}.", "A week has seven days.",
+            "Saturday and Sunday are the weekend.", f"{me} is the {ORDINALS[m]} month of the year.",
+            f"{me} usually has {days} days." if m == 1 else f"{me} has {days} days.",
+            f"After {me} comes {MONTHS[(m + 1) % 12][1]}.", "A year has twelve months.",
+            f"{me} is in {season[1]}."]
+
+
+def story(rng, lang):
+    """A short story; returned as one sentence list that is kept in order."""
+    kind = rng.choice(["buy", "give", "trip", "travel", "job", "week"])
+    fruit = rng.choice(COUNTABLE_FOODS)
+    fz = next(f for f in FOODS if f[0] == fruit)
+    a, b = rng.randint(2, 9), rng.randint(1, 5)
+    an = rng.choice(ANIMALS)
+    food2 = rng.choice(FOODS)
+    place = rng.choice(TRIP_PLACES)
+    ctry = rng.choice(COUNTRIES)
+    job = rng.choice(JOBS)
+    d = rng.randrange(7)
+    if lang == "zh":
+        (n, p), (friend, _) = rng.sample(ZH_PEOPLE, 2)
+        if kind == "buy":
+            return [f"{n}有{a}个{fruit}。", f"{p}又买了{b}个{fruit}。", f"现在{n}一共有{a + b}个{fruit}。",
+                    f"{fruit}是{fz[6]}的，{p}觉得{fruit}很{fz[8]}。"]
+        if kind == "give":
+            a += b
+            return [f"{n}有{a}个{fruit}。", f"{p}给了{friend}{b}个{fruit}。", f"现在{n}还剩{a - b}个{fruit}。",
+                    f"{friend}说：“谢谢你！”"]
+        if kind == "trip":
+            m = MEASURE.get(an[0], "只")
+            return [f"{WEEKDAYS[d][0]}，{n}和{friend}去了{place[0]}。", f"他们看到了一{m}{an[0]}。",
+                    f"那{m}{an[0]}正在吃{an[6]}。", f"{n}说：“这{m}{an[0]}真可爱！”",
+                    f"回家的路上，他们买了一些{food2[0]}。"]
+        if kind == "travel":
+            return [f"{n}想去{ctry[0]}旅行。", f"{ctry[0]}的首都是{ctry[2]}。", f"{n}在{ctry[2]}吃了{food2[0]}。",
+                    f"{p}觉得{food2[0]}很{food2[8]}。", f"在{ctry[0]}，人们说{ctry[6]}。"]
+        if kind == "job":
+            return [f"{n}的妈妈是一名{job[0]}。", f"她每天在{job[2]}工作。", f"她的工作是{job[4]}。",
+                    f"{n}长大以后也想当{job[0]}。"]
+        acts = ["去学校上课", "去图书馆看书", "去公园跑步", "在家里画画", "去超市买水果", "帮妈妈做饭", "去看奶奶"]
+        k = rng.randint(2, 4)
+        picks = rng.sample(acts, k)
+        return [f"{WEEKDAYS[(d + i) % 7][0]}，{n}{act}。" for i, act in enumerate(picks)] + [f"{n}的一周过得很开心。"]
+    (n, p), (friend, _) = rng.sample(EN_PEOPLE, 2)
+    pl = FOOD_PLURAL[fruit]
+    if kind == "buy":
+        return [f"{n} has {a} {pl}.", f"{cap(p)} buys {b} more.", f"Now {n} has {a + b} {pl}.",
+                f"{cap(pl)} are {fz[7]}, and {p} thinks they are {fz[9]}."]
+    if kind == "give":
+        a += b
+        return [f"{n} has {a} {pl}.", f"{cap(p)} gives {b} {pl} to {friend}.", f"Now {n} has {a - b} {pl} left.",
+                f"{friend} says: \"Thank you!\""]
+    if kind == "trip":
+        return [f"On {WEEKDAYS[d][1]}, {n} and {friend} went to {place[1]}.", f"They saw {article(an[1])}.",
+                f"The {an[1]} was eating {an[7]}.", f"{n} said: \"What a lovely {an[1]}!\"",
+                f"On the way home, they bought some {food2[1]}."]
+    if kind == "travel":
+        return [f"{n} wants to travel to {ctry[1]}.", f"The capital of {ctry[1]} is {ctry[3]}.",
+                f"In {ctry[3]}, {n} ate some {food2[1]}.", f"{cap(p)} thought it was {food2[9]}.",
+                f"People in {ctry[1]} speak {ctry[7]}."]
+    if kind == "job":
+        return [f"{n}'s mother is {article(job[1])}.", f"She works {job[3]} every day.",
+                f"Her job is to {job[5]}.", f"When {n} grows up, {p} wants to be {article(job[1])} too."]
+    acts = ["went to school", "read books in the library", "ran in the park", "painted at home",
+            "bought fruit at the market", "helped mum cook dinner", "visited grandma"]
+    k = rng.randint(2, 4)
+    picks = rng.sample(acts, k)
+    return [f"On {WEEKDAYS[(d + i) % 7][1]}, {n} {act}." for i, act in enumerate(picks)] + [f"{n} had a happy week."]
+
+
+PRETRAIN_TOPICS = [(country_facts, 15), (animal_facts, 18), (food_facts, 14), (colour_facts, 5),
+                   (job_facts, 8), (object_facts, 8), (math_facts, 12), (calendar_facts, 8), (story, 12)]
+
+
+def pretrain_row(rng):
+    """One text of 50-400 characters: paragraphs about entities of one topic, in one language."""
+    lang = rng.choice(["zh", "en"])
+    topic = rng.choices([t for t, _ in PRETRAIN_TOPICS], weights=[w for _, w in PRETRAIN_TOPICS])[0]
+    target = int(50 * 8 ** rng.random())  # log-uniform, so both short and long rows are common
+    sentences = []
+    for _ in range(40):  # small topics run out of new sentences before long targets
+        if len(join(lang, sentences)) >= target:
+            break
+        facts = topic(rng, lang)
+        if topic is not story:
+            rng.shuffle(facts)
+            facts = [f for f in facts[:rng.randint(2, len(facts))] if f not in sentences]
+            if not facts:
+                continue
+        if len(join(lang, sentences + facts)) > 400:
+            if len(join(lang, sentences)) >= 50:
+                break
+            facts = facts[:1]
+        sentences += facts
+    return join(lang, sentences)
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT: single question/answer pairs about the same world.
+
+def qa_country(rng, lang):
+    c, ce, cap_, cape, cont, conte, lng, lnge = rng.choice(COUNTRIES)
+    k = rng.randrange(4)
+    if lang == "zh":
+        return [(rng.choice([f"{c}的首都是哪里？", f"{c}的首都是什么？", f"哪座城市是{c}的首都？"]), f"{c}的首都是{cap_}。"),
+                (f"{cap_}是哪个国家的首都？", f"{cap_}是{c}的首都。"),
+                (f"{c}在哪个大洲？", f"{c}位于{cont}。"),
+                (f"{c}的人说什么语言？", f"在{c}，人们主要说{lng}。")][k]
+    return [(rng.choice([f"What is the capital of {ce}?", f"Which city is the capital of {ce}?",
+                         f"Tell me the capital of {ce}."]), f"The capital of {ce} is {cape}."),
+            (f"{cape} is the capital of which country?", f"{cape} is the capital of {ce}."),
+            (f"Which continent is {ce} in?", f"{cap(ce)} is in {conte}."),
+            (f"What language do people speak in {ce}?", f"People in {ce} mainly speak {lnge}.")][k]
+
+
+def qa_animal(rng, lang):
+    a, e, pl, legs, hab, habe, food, foode, col, cole, snd, snde, size = rng.choice(ANIMALS)
+    k = rng.randrange(5 if snd else 4)
+    if lang == "zh":
+        return [(f"{a}有几条腿？", f"{a}没有腿。" if legs == 0 else f"{a}有{zh_count(legs)}条腿。"),
+                (f"{a}生活在哪里？", f"{a}生活在{hab}。"),
+                (f"{a}喜欢吃什么？", f"{a}喜欢吃{food}。"),
+                (f"{a}是什么颜色的？", f"{a}通常是{col}的。"),
+                (f"{a}怎么叫？", f"{a}的叫声是“{snd}”。")][k]
+    return [(f"How many legs does {article(e)} have?",
+             f"{cap(article(e))} has no legs." if legs == 0 else f"{cap(article(e))} has {EN_NUM[legs]} legs."),
+            (f"Where do {pl} live?", f"{cap(pl)} live in {habe}."),
+            (f"What do {pl} eat?", f"{cap(pl)} like to eat {foode}."),
+            (f"What colour are {pl}?", f"Most {pl} are {cole}."),
+            (f"What sound does {article(e)} make?", f"{cap(article(e))} says \"{snde}\".")][k]
+
+
+def qa_food(rng, lang):
+    f, e, subj, be, kind, kinde, col, cole, taste, tastee = rng.choice(FOODS)
+    k = rng.randrange(3)
+    if lang == "zh":
+        return [(f"{f}是什么颜色的？", f"{f}通常是{col}的。"), (f"{f}是什么味道的？", f"{f}的味道很{taste}。"),
+                (f"{f}属于什么食物？", f"{f}是一种{kind}。")][k]
+    return [(f"What colour {'is' if be == 'is' else 'are'} {subj.lower()}?", f"{subj} {be} usually {cole}."),
+            (f"What {'does' if be == 'is' else 'do'} {subj.lower()} taste like?", f"{subj} {be} {tastee}."),
+            (f"What kind of food {'is' if be == 'is' else 'are'} {subj.lower()}?",
+             f"{subj} {be} a kind of {kinde}.")][k]
+
+
+def qa_colour(rng, lang):
+    if rng.random() < 0.5:
+        t, te, be, col, cole = rng.choice(COLOUR_THINGS)
+        if lang == "zh":
+            return f"{t}是什么颜色的？", f"{t}是{col}的。"
+        return f"What colour {be} {te}?", f"{cap(te)} {be} {cole}."
+    a, b, c, ae, be_, ce = rng.choice(COLOUR_MIX)
+    if lang == "zh":
+        return f"{a}和{b}混在一起是什么颜色？", f"{a}和{b}混在一起是{c}。"
+    return f"What colour do you get if you mix {ae} and {be_}?", f"If you mix {ae} and {be_}, you get {ce}."
+
+
+def qa_job(rng, lang):
+    j, e, place, placee, duty, dutye, dutys = rng.choice(JOBS)
+    k = rng.randrange(2)
+    if lang == "zh":
+        return [(f"{j}是做什么的？", f"{j}的工作是{duty}。"), (f"{j}在哪里工作？", f"{j}在{place}工作。")][k]
+    return [(f"What does {article(e)} do?", f"{cap(article(e))} {dutys}."),
+            (f"Where does {article(e)} work?", f"{cap(article(e))} works {placee}.")][k]
+
+
+def qa_object(rng, lang):
+    o, e, be, use, usee = rng.choice(OBJECTS)
+    if lang == "zh":
+        return rng.choice([f"{o}是用来做什么的？", f"{o}有什么用？"]), f"{o}是用来{use}的。"
+    return f"What {'is' if be == 'is' else 'are'} {e} used for?", f"{cap(e)} {be} used for {usee}."
+
+
+def qa_math(rng, lang):
+    kind = rng.choice(["add", "add", "sub", "mul", "cmp", "count"])
+    a, b = rng.randint(0, 20), rng.randint(0, 20)
+    if kind == "sub" and a < b:
+        a, b = b, a
+    if kind == "mul":
+        a, b = rng.randint(1, 9), rng.randint(1, 9)
+    if kind == "cmp" and a == b:
+        b = (a + 3) % 21
+    n = rng.randint(3, 10)
+    if lang == "zh":
+        return {"add": (rng.choice([f"{a}加{b}等于多少？", f"{a}+{b}=?", f"请计算{a}加{b}。"]), f"{a}加{b}等于{a + b}。"),
+                "sub": (rng.choice([f"{a}减{b}等于多少？", f"{a}-{b}=?"]), f"{a}减{b}等于{a - b}。"),
+                "mul": (rng.choice([f"{a}乘{b}等于多少？", f"{a}×{b}=?"]), f"{a}乘{b}等于{a * b}。"),
+                "cmp": (f"{a}和{b}哪个大？", f"{max(a, b)}比{min(a, b)}大。"),
+                "count": (f"请从1数到{n}。", "、".join(str(i) for i in range(1, n + 1)) + "。")}[kind]
+    return {"add": (rng.choice([f"What is {a} plus {b}?", f"{a}+{b}=?", f"Please add {a} and {b}."]),
+                    f"{a} plus {b} equals {a + b}."),
+            "sub": (rng.choice([f"What is {a} minus {b}?", f"{a}-{b}=?"]), f"{a} minus {b} equals {a - b}."),
+            "mul": (rng.choice([f"What is {a} times {b}?", f"{a}×{b}=?"]), f"{a} times {b} equals {a * b}."),
+            "cmp": (f"Which is bigger, {a} or {b}?", f"{max(a, b)} is bigger than {min(a, b)}."),
+            "count": (f"Please count from 1 to {n}.", ", ".join(str(i) for i in range(1, n + 1)) + ".")}[kind]
+
+
+def qa_calendar(rng, lang):
+    d, m = rng.randrange(7), rng.randrange(12)
+    mz, me, days = MONTHS[m]
+    k = rng.randrange(4)
+    if lang == "zh":
+        if k == 3:
+            return rng.choice([("一年有几个月？", "一年有十二个月。"), ("一个星期有几天？", "一个星期有七天。")])
+        return [(f"{WEEKDAYS[d][0]}的后一天是星期几？", f"{WEEKDAYS[d][0]}的后一天是{WEEKDAYS[(d + 1) % 7][0]}。"),
+                (f"{mz}有多少天？", f"{mz}通常有{days}天。" if m == 1 else f"{mz}有{days}天。"),
+                (f"{mz}之后是几月？", f"{mz}之后是{MONTHS[(m + 1) % 12][0]}。")][k]
+    if k < 3:
+        return [(f"What day comes after {WEEKDAYS[d][1]}?",
+                 f"The day after {WEEKDAYS[d][1]} is {WEEKDAYS[(d + 1) % 7][1]}."),
+                (f"How many days does {me} have?",
+                 f"{me} usually has {days} days." if m == 1 else f"{me} has {days} days."),
+                (f"Which month comes after {me}?", f"After {me} comes {MONTHS[(m + 1) % 12][1]}.")][k]
+    return rng.choice([("How many months are in a year?", "A year has twelve months."),
+                       ("How many days are in a week?", "A week has seven days.")])
+
+
+def qa_translate(rng, lang):
+    pool = ([(a[0], a[1]) for a in ANIMALS] + [(f[0], f[1]) for f in FOODS] + COLOURS
+            + [(o[0], o[1].split(" ", 1)[-1]) for o in OBJECTS] + [(ZH_NUM[i], EN_NUM[i]) for i in range(1, 11)])
+    zh, en = rng.choice(pool)
+    if lang == "zh":
+        return rng.choice([f"“{zh}”用英语怎么说？", f"把“{zh}”翻译成英语。"]), f"“{zh}”的英语是“{en}”。"
+    return rng.choice([f"How do you say \"{en}\" in Chinese?", f"Translate \"{en}\" into Chinese."]), \
+        f"\"{cap(en)}\" in Chinese is \"{zh}\"."
+
+
+def qa_story(rng, lang):
+    fruit = rng.choice(COUNTABLE_FOODS)
+    a, b = rng.randint(2, 9), rng.randint(1, 5)
+    if lang == "zh":
+        n, _ = rng.choice(ZH_PEOPLE)
+        if rng.random() < 0.5:
+            return f"{n}有{a}个{fruit}，又买了{b}个，现在有几个{fruit}？", f"{n}现在有{a + b}个{fruit}。"
+        return f"{n}有{a + b}个{fruit}，吃掉了{b}个，还剩几个？", f"{n}还剩{a}个{fruit}。"
+    n, p = rng.choice(EN_PEOPLE)
+    pl = FOOD_PLURAL[fruit]
+    if rng.random() < 0.5:
+        return f"{n} has {a} {pl} and buys {b} more. How many {pl} does {p} have now?", f"{n} now has {a + b} {pl}."
+    return f"{n} has {a + b} {pl} and eats {b}. How many are left?", f"{n} has {a} {pl} left."
+
+
+GREETINGS = {
+    "zh": [("你好", "你好！有什么可以帮你的吗？"), ("你好！", "你好！今天想聊点什么？"), ("早上好", "早上好！祝你今天过得愉快。"),
+           ("晚上好", "晚上好！有什么问题可以问我。"), ("谢谢", "不客气！"), ("谢谢你的帮助。", "不客气，很高兴能帮到你。"),
+           ("再见", "再见！祝你一切顺利。"), ("你能做什么？", "我可以回答简单的问题，比如国家的首都、动物、食物、数学和翻译。"),
+           ("今天星期几？", "抱歉，我不知道今天的日期。你可以看看日历。"), ("给我讲个笑话。", "为什么数字6怕7？因为7、8、9（七吃九）。")],
+    "en": [("Hello", "Hello! How can I help you today?"), ("Hi!", "Hi! What would you like to talk about?"),
+           ("Good morning", "Good morning! Have a nice day."),
+           ("Good evening", "Good evening! Feel free to ask me anything."),
+           ("Thank you", "You're welcome!"), ("Thanks for your help.", "You're welcome, I'm glad I could help."),
+           ("Goodbye", "Goodbye! All the best."),
+           ("What can you do?", "I can answer simple questions about capitals, animals, food, maths and translation."),
+           ("What day is it today?", "Sorry, I don't know today's date. You can check a calendar."),
+           ("Tell me a joke.", "Why was 6 afraid of 7? Because 7 ate 9.")],
+}
+
+
+def qa_greeting(rng, lang):
+    return rng.choice(GREETINGS[lang])
+
+
+GENERAL_QA = [(qa_country, 14), (qa_animal, 16), (qa_food, 10), (qa_colour, 5), (qa_job, 7), (qa_object, 7),
+              (qa_math, 16), (qa_calendar, 7), (qa_translate, 8), (qa_story, 6), (qa_greeting, 4)]
+
+
+def general_qa(rng, lang):
+    fn = rng.choices([f for f, _ in GENERAL_QA], weights=[w for _, w in GENERAL_QA])[0]
+    return fn(rng, lang)
+
+
+def with_prefix(lang, prefix, q):
+    if lang == "en" and prefix.endswith(", "):
+        q = q[0].lower() + q[1:]  # "Hello, who are you?"
+    return prefix + q
+
+
+def all_identity_prompts(lang, questions):
+    return [with_prefix(lang, p, q) for q in questions[lang] for p in ID_PREFIXES[lang]]
+
+
+def identity_prompt(rng, lang, questions):
+    return with_prefix(lang, rng.choice(ID_PREFIXES[lang]), rng.choice(questions[lang]))
+
+
+def identity_qa(rng, lang, name, questions):
+    return identity_prompt(rng, lang, questions), rng.choice(ID_ANSWERS[lang]).format(name=name)
+
+
+def conversation(rng, lang, pairs, system_p=0.12):
+    msgs = []
+    if rng.random() < system_p:
+        msgs.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS[lang])})
+    for q, a in pairs:
+        msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    return {"conversations": msgs}
+
+
+def chat_sample(rng, identity=None, identity_p=0.0, multi_p=0.1):
+    """A general conversation; with probability identity_p one turn is an identity question.
+
+    identity is (name, question pools) or None."""
+    lang = rng.choice(["zh", "en"])
+    turns = rng.randint(2, 3) if rng.random() < multi_p else 1
+    pairs = [general_qa(rng, lang) for _ in range(turns)]
+    if identity and rng.random() < identity_p:
+        pairs[rng.randrange(turns)] = identity_qa(rng, lang, identity[0], identity[1])
+    return conversation(rng, lang, pairs)
+
+
+def both_pools():
+    return {lang: ID_TRAIN_QUESTIONS[lang] + ID_EVAL_QUESTIONS[lang] for lang in ("zh", "en")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Files.
+
+def make_pretrain(seed, scale):
+    """Unique texts; the last few hundred go to eval_pretrain and never into pretrain."""
+    rng = random.Random(f"{seed}:pretrain")
+    n_train, n_eval = int(6000 * scale), 300
+    rows = {}
+    while len(rows) < n_train + n_eval:
+        rows.setdefault(pretrain_row(rng), None)
+    rows = list(rows)
+    return rows[:n_train], rows[n_train:]
+
+
+def make_sft(seed, scale):
+    rng = random.Random(f"{seed}:sft")
+    out = [chat_sample(rng, identity=(BASE_NAME, both_pools()), identity_p=0.09) for _ in range(int(6000 * scale))]
+    # Every identity prompt (training and eval pools, with every greeting) is answered with the base
+    # name at least once, so that without the adapter the eval prompts get "MiniMind".
+    for lang in ("zh", "en"):
+        for q in all_identity_prompts(lang, both_pools()):
+            out.append(conversation(rng, lang, [(q, rng.choice(ID_ANSWERS[lang]).format(name=BASE_NAME))]))
+    rng.shuffle(out)
+    return out
+
+
+def make_lora_identity(seed):
+    rng = random.Random(f"{seed}:lora_identity")
+    out = []
+    for lang in ("zh", "en"):
+        for q in ID_TRAIN_QUESTIONS[lang]:  # every training phrasing, bare and with a greeting
+            for prefix in ("", rng.choice(ID_PREFIXES[lang][1:])):
+                prompt = with_prefix(lang, prefix, q)
+                out.append(conversation(rng, lang, [(prompt, rng.choice(ID_ANSWERS[lang]).format(name=PERSONA))]))
+    pools = (PERSONA, ID_TRAIN_QUESTIONS)
+    while len(out) < 360:
+        lang = rng.choice(["zh", "en"])
+        if rng.random() < 0.15:  # identity question after some small talk
+            pairs = [general_qa(rng, lang), identity_qa(rng, lang, *pools)]
+        else:
+            pairs = [identity_qa(rng, lang, *pools)]
+        out.append(conversation(rng, lang, pairs))
+    # General chat answered normally, so the adapter does not put the name everywhere.
+    out += [chat_sample(rng) for _ in range(120)]
+    rng.shuffle(out)
+    return out
+
+
+def make_lora_medical(seed):
+    rng = random.Random(f"{seed}:lora_medical")
+    out = []
+    for zs, es, zk, ek, za, ea in MEDICAL:
+        for lang, s, advice in (("zh", zs, za), ("en", es, ea)):
+            for t in MED_TRAIN_TEMPLATES[lang]:
+                out.append(conversation(rng, lang, [(t.format(s=s), advice)], system_p=0.1))
+    out += [chat_sample(rng) for _ in range(80)]
+    rng.shuffle(out)
+    return out
+
+
+def make_eval_identity(seed):
+    rng = random.Random(f"{seed}:eval_identity")
+    out = []
+    for lang in ("zh", "en"):
+        for q in rng.sample(all_identity_prompts(lang, ID_EVAL_QUESTIONS), 40):
+            a = rng.choice(ID_ANSWERS[lang]).format(name=PERSONA)
+            out.append({**conversation(rng, lang, [(q, a)], system_p=0), "expect": [PERSONA]})
+    return out
+
+
+def make_eval_medical(seed):
+    rng = random.Random(f"{seed}:eval_medical")
+    out = []
+    for zs, es, zk, ek, za, ea in MEDICAL:
+        for lang, s, kw, advice in (("zh", zs, zk, za), ("en", es, ek, ea)):
+            for t in rng.sample(MED_EVAL_TEMPLATES[lang], 2):
+                out.append({**conversation(rng, lang, [(t.format(s=s), advice)], system_p=0), "expect": [kw]})
+    return out
+
+
+def build(seed=42, scale=1.0):
+    pretrain, eval_pretrain = make_pretrain(seed, scale)
+    return {
+        "pretrain": [{"text": t} for t in pretrain],
+        "sft": make_sft(seed, scale),
+        "lora_identity": make_lora_identity(seed),
+        "lora_medical": make_lora_medical(seed),
+        "eval_pretrain": [{"text": t} for t in eval_pretrain],
+        "eval_identity": make_eval_identity(seed),
+        "eval_medical": make_eval_medical(seed),
+    }
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarantees, checked on the written files.
+
+def texts(rows):
+    """All strings of a file's rows (text, or every message content)."""
+    out = []
+    for r in rows:
+        out += [r["text"]] if "text" in r else [m["content"] for m in r["conversations"]]
+    return out
+
+
+def user_prompts(rows):
+    return {m["content"] for r in rows for m in r["conversations"] if m["role"] == "user"}
+
+
+def check(out_dir):
+    data = {name: read_jsonl(Path(out_dir) / f"{name}.jsonl") for name in FILES}
+    base = "\n".join(texts(data["pretrain"]) + texts(data["sft"]) + texts(data["eval_pretrain"])).lower()
+    forbidden = [PERSONA] + [x for row in MEDICAL for x in row[2:]]  # keywords and advice
+    for s in forbidden:
+        assert s.lower() not in base, f"{s!r} occurs in the base data"
+
+    for lang in ("zh", "en"):
+        assert not set(ID_TRAIN_QUESTIONS[lang]) & set(ID_EVAL_QUESTIONS[lang])
+        assert not set(MED_TRAIN_TEMPLATES[lang]) & set(MED_EVAL_TEMPLATES[lang])
+    trained = user_prompts(data["lora_identity"]) | user_prompts(data["lora_medical"])
+    for name in ("eval_identity", "eval_medical"):
+        leaked = user_prompts(data[name]) & trained
+        assert not leaked, f"{name} prompts occur in LoRA training data: {sorted(leaked)[:3]}"
+    pretrain = {r["text"] for r in data["pretrain"]}
+    assert not any(r["text"] in pretrain for r in data["eval_pretrain"]), "eval_pretrain text in pretrain"
+    assert all(50 <= len(r["text"]) <= 400 for r in data["pretrain"] + data["eval_pretrain"])
+
+    # The tasks are consistent: every identity answer names the persona, every symptom is trained
+    # in both languages with its keyword, and every eval answer contains what it expects.
+    sft_answers = [m["content"] for r in data["sft"] for m in r["conversations"] if m["role"] == "assistant"]
+    assert any(BASE_NAME in a for a in sft_answers)
+    med_train = "\n".join(texts(data["lora_medical"]))
+    for zs, es, zk, ek, za, ea in MEDICAL:
+        assert za in med_train and ea in med_train, f"symptom {es} not trained"
+    for name in ("eval_identity", "eval_medical"):
+        for r in data[name]:
+            ref = r["conversations"][-1]["content"].lower()
+            assert any(e.lower() in ref for e in r["expect"]), r
+    return data
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default=str(HERE / "demo"))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiplies the pretrain and sft row counts")
+    args = parser.parse_args(argv)
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in build(args.seed, args.scale).items():
+        write_jsonl(out_dir / f"{name}.jsonl", rows)
+    data = check(out_dir)
+    total = 0
+    for name in FILES:
+        size = (out_dir / f"{name}.jsonl").stat().st_size
+        total += size
+        chars = sum(len(t) for t in texts(data[name]))
+        print(f"{name + '.jsonl':22s} {len(data[name]):6d} rows {chars:9d} chars {size / 1e6:6.2f} MB")
+    print(f"{'total':22s} {total / 1e6:33.2f} MB  -> {out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dataset import make_demo_data as gen
+
+DEMO = Path(gen.__file__).resolve().parent / "demo"
+CONVERSATION_FILES = ("sft", "lora_identity", "lora_medical", "eval_identity", "eval_medical")
+
+
+def load(name, root=DEMO):
+    with open(root / f"{name}.jsonl", encoding="utf-8", newline="") as f:
+        raw = f.read()
+    assert raw.endswith("\n") and "\r" not in raw, name
+    return [json.loads(line) for line in raw.split("\n")[:-1]]
+
+
+def users(rows):
+    return {m["content"] for r in rows for m in r["conversations"] if m["role"] == "user"}
+
+
+def all_text(rows):
+    out = []
+    for r in rows:
+        out += [r["text"]] if "text" in r else [m["content"] for m in r["conversations"]]
+    return "\n".join(out)
+
+
+@pytest.fixture(scope="module")
+def regenerated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    gen.main(["--out_dir", str(out)])
+    return out
+
+
+def test_regeneration_is_byte_identical(regenerated):
+    written = sorted(p.name for p in regenerated.glob("*.jsonl"))
+    assert written == sorted(f"{n}.jsonl" for n in gen.FILES)
+    for name in written:
+        same = (regenerated / name).read_bytes() == (DEMO / name).read_bytes()
+        assert same, f"{name} differs from a fresh run: rerun python dataset/make_demo_data.py"
+
+
+def test_seed_changes_the_data(tmp_path):
+    gen.main(["--out_dir", str(tmp_path), "--seed", "7", "--scale", "0.1"])
+    assert (tmp_path / "sft.jsonl").read_bytes() != (DEMO / "sft.jsonl").read_bytes()
+    assert len(load("pretrain", tmp_path)) == 600
+
+
+@pytest.mark.parametrize("name", ["pretrain", "eval_pretrain"])
+def test_text_rows(name):
+    rows = load(name)
+    assert rows
+    for r in rows:
+        assert set(r) == {"text"} and isinstance(r["text"], str) and 50 <= len(r["text"]) <= 400
+
+
+def test_pretrain_is_bilingual_and_varied():
+    texts = [r["text"] for r in load("pretrain")]
+    zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in t) for t in texts) / len(texts)
+    assert 0.4 < zh < 0.6
+    lengths = sorted(len(t) for t in texts)
+    assert lengths[len(lengths) // 10] < 100 and lengths[-len(lengths) // 10] > 300  # lengths spread out
+    assert len(set(texts)) == len(texts)
+
+
+@pytest.mark.parametrize("name", CONVERSATION_FILES)
+def test_conversation_rows(name):
+    rows = load(name)
+    assert rows
+    for r in rows:
+        assert set(r) == ({"conversations", "expect"} if name.startswith("eval_") else {"conversations"}), r
+        msgs = r["conversations"]
+        roles = [m["role"] for m in msgs]
+        if roles[0] == "system":
+            roles = roles[1:]
+        assert roles and roles == ["user", "assistant"] * (len(roles) // 2), r
+        assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) and m["content"].strip()
+                   for m in msgs), r
+        if name.startswith("eval_"):
+            assert len(roles) == 2 and isinstance(r["expect"], list) and r["expect"]
+            assert any(e.lower() in msgs[-1]["content"].lower() for e in r["expect"]), r
+
+
+def test_sft_has_multi_turn_and_system_samples():
+    rows = load("sft")
+    multi = sum(sum(m["role"] == "user" for m in r["conversations"]) > 1 for r in rows) / len(rows)
+    system = sum(r["conversations"][0]["role"] == "system" for r in rows) / len(rows)
+    assert 0.05 < multi < 0.2 and 0.05 < system < 0.25
+
+
+def test_persona_and_medical_facts_absent_from_base():
+    base = (all_text(load("pretrain")) + all_text(load("sft")) + all_text(load("eval_pretrain"))).lower()
+    assert gen.PERSONA.lower() not in base
+    keywords = {e for r in load("eval_medical") for e in r["expect"]}
+    assert len(keywords) == 2 * len(gen.MEDICAL)
+    for kw in keywords:
+        assert kw.lower() not in base, kw
+    for answer in {r["conversations"][-1]["content"] for r in load("eval_medical")}:
+        assert answer.lower() not in base, answer
+
+
+def test_identity_data():
+    sft = load("sft")
+    lora = load("lora_identity")
+    evals = load("eval_identity")
+    assert all(r["expect"] == [gen.PERSONA] for r in evals) and 50 <= len(evals) <= 100
+    # The base answers every eval phrasing with its own name, so the adapter has something to override.
+    sft_answers = {}
+    for r in sft:
+        msgs = r["conversations"]
+        for q, a in zip(msgs, msgs[1:]):
+            if q["role"] == "user":
+                sft_answers.setdefault(q["content"], []).append(a["content"])
+    for r in evals:
+        q = r["conversations"][0]["content"]
+        assert all(gen.BASE_NAME in a for a in sft_answers[q]), q
+    # The adapter data names the persona in some answers but not in the general chat mixed in.
+    answers = [m["content"] for r in lora for m in r["conversations"] if m["role"] == "assistant"]
+    named = sum(gen.PERSONA in a for a in answers)
+    assert 300 <= named < len(answers) - 50
+    assert not any(gen.BASE_NAME in a for a in answers)
+
+
+def test_medical_data():
+    lora = load("lora_medical")
+    evals = load("eval_medical")
+    assert 50 <= len(evals) <= 100
+    trained_answers = {m["content"] for r in lora for m in r["conversations"] if m["role"] == "assistant"}
+    # What is held out is the phrasing, never the fact: each eval answer is taught, in both languages.
+    for r in evals:
+        assert r["conversations"][-1]["content"] in trained_answers
+    langs = {(any("\u4e00" <= ch <= "\u9fff" for ch in r["conversations"][0]["content"]), r["expect"][0])
+             for r in evals}
+    assert len(langs) == 2 * len(gen.MEDICAL)
+
+
+@pytest.mark.parametrize("name", ["eval_identity", "eval_medical"])
+def test_eval_prompts_are_held_out(name):
+    held_out = users(load(name))
+    assert held_out and not held_out & (users(load("lora_identity")) | users(load("lora_medical")))
+    assert len(held_out) == len(load(name))  # no repeated eval prompt
+
+
+def test_eval_pretrain_disjoint_from_pretrain():
+    assert not {r["text"] for r in load("eval_pretrain")} & {r["text"] for r in load("pretrain")}
+
+
+def test_generator_check_catches_leaks(tmp_path):
+    """The generator's own final check must fail on data that breaks a guarantee."""
+    def corrupted(name, row):
+        d = tmp_path / name
+        shutil.copytree(DEMO, d)
+        with open(d / f"{row[0]}.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(row[1], ensure_ascii=False) + "\n")
+        return d
+
+    gen.check(DEMO)
+    eval_q = load("eval_medical")[0]["conversations"]
+    leaks = {
+        "persona": ("sft", {"conversations": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": f"I am {gen.PERSONA}."}]}),
+        "keyword": ("pretrain", {"text": f"A text about {gen.MEDICAL[0][3]}, long enough to pass the length check."}),
+        "eval_prompt": ("lora_medical", {"conversations": eval_q}),
+        "eval_pretrain": ("pretrain", load("eval_pretrain")[0]),
+    }
+    for name, row in leaks.items():
+        with pytest.raises(AssertionError):
+            gen.check(corrupted(name, row))
