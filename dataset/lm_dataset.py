@@ -1,0 +1,210 @@
+"""Datasets over MiniMind's jsonl files, and batching.
+
+A file is indexed once (byte offset and length of every non-blank line, validated as it goes) and items
+are read back by seeking, so memory stays flat however large the file is: 12 bytes per line.
+"""
+import json
+import os
+from array import array
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+
+
+class DataError(ValueError):
+    pass
+
+
+class JsonlDataset(Dataset):
+    """Base class: one JSON object per line; subclasses say what a valid record is and how to tokenize it."""
+
+    def __init__(self, data_path, tokenizer, max_length, skip_bad_lines=False):
+        self.path = Path(data_path)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.skip_bad_lines = skip_bad_lines
+        if not self.path.is_file():
+            hint = "; make the demo data with: python dataset/make_demo_data.py" \
+                if self.path.resolve().parent == DEMO_DIR else ""
+            raise DataError(f"{self.path}: no such file{hint}")
+        self._stamp = self._file_stamp()
+        self.offsets, self.line_bytes, self.n_skipped = self._index()
+        if len(self.offsets) == 0:
+            raise DataError(f"{self.path}: no usable rows ({self.n_skipped} bad lines skipped)")
+        self._file, self._file_pid = None, None
+
+    def _index(self):
+        offsets, lengths, n_skipped, pos = array("q"), array("i"), 0, 0
+        with open(self.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                start, pos = pos, pos + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    problem = self.check(record) if isinstance(record, dict) else "not a JSON object"
+                except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+                    problem = f"not valid JSON ({e})"
+                if problem:
+                    if not self.skip_bad_lines:
+                        raise DataError(f"{self.path}:{lineno}: {problem}; "
+                                        f"fix the line or pass --skip_bad_lines to skip it")
+                    n_skipped += 1
+                    continue
+                offsets.append(start)
+                lengths.append(len(line))
+        return np.frombuffer(offsets, dtype=np.int64), np.frombuffer(lengths, dtype=np.int32), n_skipped
+
+    def check(self, record):
+        """Return what is wrong with a parsed line, or None."""
+        raise NotImplementedError
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def record(self, i):
+        # One handle per process: DataLoader workers forked from us must not share a file position.
+        if self._file_pid != os.getpid():
+            self._file, self._file_pid = open(self.path, "rb"), os.getpid()
+        self._file.seek(int(self.offsets[i]))
+        line = self._file.read(int(self.line_bytes[i]))
+        try:
+            return json.loads(line)
+        except ValueError:
+            if self._file_stamp() != self._stamp:
+                raise DataError(f"{self.path} changed after it was indexed; restart to re-index it") from None
+            raise
+
+    def _file_stamp(self):
+        stat = self.path.stat()
+        return stat.st_size, stat.st_mtime_ns
+
+    def __getstate__(self):  # picklable for spawned DataLoader workers
+        return {**self.__dict__, "_file": None, "_file_pid": None}
+
+
+class PretrainDataset(JsonlDataset):
+    """{"text": ...} -> (input_ids, labels) = [bos] + text + [eos], truncated to max_length; labels = input_ids."""
+
+    def __init__(self, data_path, tokenizer, max_length=512, skip_bad_lines=False):
+        super().__init__(data_path, tokenizer, max_length, skip_bad_lines)
+
+    def check(self, record):
+        if not isinstance(record.get("text"), str):
+            return 'missing "text" string field'
+        return None
+
+    def __getitem__(self, i):
+        ids = self.tokenizer.encode(self.record(i)["text"], add_special_tokens=True)[: self.max_length]
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        return input_ids, input_ids.clone()
+
+
+class SFTDataset(JsonlDataset):
+    """{"conversations": [{"role", "content"}, ...]} -> ChatML tokens; loss only on each assistant
+    message's content and its <|im_end|> (header and the "\\n" after <|im_end|> are masked)."""
+
+    def __init__(self, data_path, tokenizer, max_length=1024, skip_bad_lines=False):
+        super().__init__(data_path, tokenizer, max_length, skip_bad_lines)
+
+    def check(self, record):
+        conversation = record.get("conversations")
+        if not isinstance(conversation, list) or not conversation:
+            return 'missing "conversations" list'
+        for n, message in enumerate(conversation, 1):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                return f'message {n} has no "content" string'
+            if message.get("role") not in ROLES:
+                return f"message {n} has role {message.get('role')!r}, expected one of {', '.join(ROLES)}"
+        if not any(m["role"] == "assistant" for m in conversation):
+            return "conversation has no assistant message"
+        return None
+
+    def __getitem__(self, i):
+        tok = self.tokenizer
+        text, spans = "", []  # spans: character ranges that carry loss
+        for message in self.record(i)["conversations"]:
+            piece = tok.apply_chat_template([message])  # header + content + eos + "\n"
+            if message["role"] == "assistant":
+                end = len(text) + piece.rindex(tok.eos_token) + len(tok.eos_token)
+                spans.append((end - len(tok.eos_token) - len(message["content"]), end))
+            text += piece
+        # Tokenize the whole string once so ids equal tok.apply_chat_template(..., tokenize=True) exactly,
+        # then label a token when it starts inside a span. (Content that begins with two or more
+        # whitespace characters can share its first token with the header's "\n"; that token stays masked.)
+        ids, offsets = tok.encode_with_offsets(text)
+        ids, starts = ids[: self.max_length], np.array([s for s, _ in offsets[: self.max_length]])
+        labeled = np.zeros(len(ids), dtype=bool)
+        for start, end in spans:
+            labeled |= (starts >= start) & (starts < end)
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        labels = torch.where(torch.from_numpy(labeled), input_ids, IGNORE_INDEX)
+        return input_ids, labels
+
+
+class PadCollator:
+    """Right-pads a batch of (input_ids, labels) to its longest sample, or to max_length when given.
+    Right padding under a causal mask needs no attention mask: real tokens never see the pads after them."""
+
+    def __init__(self, pad_id, max_length=None):
+        self.pad_id, self.max_length = pad_id, max_length
+
+    def __call__(self, batch):
+        length = self.max_length or max(len(ids) for ids, _ in batch)
+        input_ids = torch.full((len(batch), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        for row, (ids, lab) in enumerate(batch):
+            input_ids[row, : len(ids)] = ids[:length]
+            labels[row, : len(lab)] = lab[:length]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+class LengthGroupedBatchSampler:
+    """Shuffled batches of similar line length (a free proxy for token count, from the index), which cuts
+    padding. Deterministic given seed and epoch; with world_size > 1 each rank takes every world_size-th
+    batch of the same list (equal counts per rank, so DDP never waits on a missing batch)."""
+
+    def __init__(self, dataset, batch_size, seed=0, group_size=64, rank=0, world_size=1):
+        self.lengths, self.batch_size, self.seed = dataset.line_bytes, batch_size, seed
+        self.group = batch_size * group_size
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _batches(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        order = rng.permutation(len(self.lengths))
+        batches = []
+        for g in range(0, len(order), self.group):
+            group = order[g: g + self.group]
+            group = group[np.argsort(-self.lengths[group], kind="stable")]
+            batches += [group[b: b + self.batch_size].tolist() for b in range(0, len(group), self.batch_size)]
+        batches = [batches[k] for k in rng.permutation(len(batches))]
+        usable = len(batches) // self.world_size * self.world_size
+        return batches[:usable][self.rank:: self.world_size]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return -(-len(self.lengths) // self.batch_size) // self.world_size
+
+
+def pad_fraction(dataset, batch_size, batch_sampler=None, max_samples=None):
+    """Fraction of pad tokens when batching `dataset`, padding to the longest sample per batch versus
+    padding every sample to dataset.max_length. Batches come from batch_sampler, else in file order."""
+    n = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    batches = list(batch_sampler) if batch_sampler is not None else \
+        [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
+    batches = [[i for i in batch if i < n] for batch in batches]
+    length = {i: len(dataset[i][0]) for batch in batches for i in batch}
+    real = sum(length.values())
+    padded_longest = sum(len(batch) * max(length[i] for i in batch) for batch in batches if batch)
+    return {"longest": 1 - real / padded_longest, "max_length": 1 - real / (len(length) * dataset.max_length)}
