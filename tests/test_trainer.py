@@ -1,0 +1,181 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.checkpoint import safe_torch_load
+from model.model_minimind import MiniMindForCausalLM
+from trainer import train_full_sft, train_pretrain
+from trainer.trainer_utils import run_main
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "dataset" / "demo"
+TINY = ["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4",
+        "--num_key_value_heads", "2", "--max_seq_len", "64", "--batch_size", "4", "--log_interval", "2"]
+
+
+def head(src: Path, dst: Path, n: int) -> Path:
+    with open(src, encoding="utf-8") as f:
+        dst.write_text("".join(next(f) for _ in range(n)), encoding="utf-8")
+    return dst
+
+
+@pytest.fixture
+def data(tmp_path):
+    return {"pretrain": head(DEMO / "pretrain.jsonl", tmp_path / "pretrain.jsonl", 96),
+            "sft": head(DEMO / "sft.jsonl", tmp_path / "sft.jsonl", 96)}
+
+
+def run(main, argv, capsys):
+    code = run_main(main, argv)
+    out = capsys.readouterr()
+    return code, out.out + out.err, out.err
+
+
+def test_pretrain_then_full_sft(tmp_path, data, capsys):
+    out = tmp_path / "out"
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(out), "--data_path", str(data["pretrain"]),
+                                                 "--max_steps", "6", "--eval_data_path", str(data["pretrain"]),
+                                                 "--eval_batches", "2"], capsys)
+    assert code == 0, log
+    assert "pretrain: 6 steps" in log and "eval loss" in log
+    assert json.loads((out / "pretrain_64.json").read_text())["num_hidden_layers"] == 2
+    assert (out / "pretrain_64_loss.png").stat().st_size > 1000
+    pre = safe_torch_load(out / "pretrain_64.pth")
+    code, log, err = run(train_full_sft.main, TINY + ["--save_dir", str(out), "--data_path", str(data["sft"]),
+                                                 "--max_steps", "4"], capsys)
+    assert code == 0, log
+    sft = safe_torch_load(out / "full_sft_64.pth")
+    assert set(sft) == set(pre)
+    assert not torch.equal(sft["model.layers.0.mlp.up_proj.weight"], pre["model.layers.0.mlp.up_proj.weight"])
+    assert all(torch.isfinite(v).all() for v in sft.values())
+
+
+def test_loss_decreases_on_repeated_data(tmp_path, data, capsys):
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
+                                                 "--epochs", "6", "--learning_rate", "3e-3"], capsys)
+    assert code == 0, log
+    history = safe_torch_load(tmp_path / "checkpoints" / "pretrain_64_resume.pth")["history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert losses[-1] < losses[0] - 1.5, losses
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data_path", "/nonexistent/x.jsonl"], "/nonexistent/x.jsonl"),
+    (["--batch_size", "1000"], "fewer than one global batch (--batch_size 1000 x 1 processes); lower --batch_size"),
+])
+def test_bad_input_is_one_line(tmp_path, data, capsys, argv, message):
+    argv = TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"])] + argv
+    code, log, err = run(train_pretrain.main, argv, capsys)
+    assert code == 2 and message in log
+    assert "Traceback" not in log and err.count("\n") == 1
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(empty)], capsys)
+    assert code == 2 and str(empty) in err and err.count("\n") == 1
+
+
+def test_missing_from_weight_names_file_and_command(tmp_path, data, capsys):
+    code, log, err = run(train_full_sft.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["sft"])],
+                    capsys)
+    assert code == 2
+    assert f"{tmp_path / 'pretrain_64.pth'} does not exist; make it first with `python trainer/train_pretrain.py`" \
+        in log
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data, capsys, monkeypatch):
+    calls = {"n": 0}
+    forward = MiniMindForCausalLM.forward
+
+    def poisoned(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] > 5 and out.loss is not None:  # from step 6 on
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(MiniMindForCausalLM, "forward", poisoned)
+    argv = TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]), "--max_steps", "12",
+                   "--save_interval", "4", "--log_interval", "3"]
+    code, log, err = run(train_pretrain.main, argv, capsys)
+    assert code == 2 and "step 6: loss is nan; stopped without saving" in log
+    assert f"Last good checkpoint: {tmp_path / 'pretrain_64.pth'}" in log
+    resume = safe_torch_load(tmp_path / "checkpoints" / "pretrain_64_resume.pth")
+    assert resume["step"] == 4
+    assert all(torch.isfinite(v).all() for v in safe_torch_load(tmp_path / "pretrain_64.pth").values())
+
+
+KILL_AFTER_SAVE = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from trainer import trainer_utils, train_pretrain
+save = trainer_utils.atomic_torch_save
+def save_then_die(obj, path):
+    save(obj, path)
+    if isinstance(obj, dict) and obj.get("step") == {kill_step}:
+        os.kill(os.getpid(), signal.SIGKILL)  # a real crash: no cleanup, no final save
+trainer_utils.atomic_torch_save = save_then_die
+sys.exit(trainer_utils.run_main(train_pretrain.main, sys.argv[1:]))
+"""
+
+
+def python(args, env_extra=None, **kw):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    return subprocess.run([sys.executable] + args, capture_output=True, text=True, env=env, cwd=ROOT, **kw)
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
+    common = TINY + ["--data_path", str(data["pretrain"]), "--epochs", "2", "--max_steps", "40",
+                     "--save_interval", "8"]  # 24 batches an epoch: the kill at step 16 is inside epoch 2
+    full = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "a")] + common)
+    assert full.returncode == 0, full.stderr
+    script = tmp_path / "crash.py"
+    script.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), kill_step=16))
+    crashed = python([str(script), "--save_dir", str(tmp_path / "b")] + common)
+    assert crashed.returncode == -9
+    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["step"] == 16
+    resumed = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1"] + common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a, b = safe_torch_load(tmp_path / "a" / "pretrain_64.pth"), safe_torch_load(tmp_path / "b" / "pretrain_64.pth")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path, data):
+    """2 gloo processes x batch 2 against 1 process x batch 2 x 2 accumulation steps: the same global batches."""
+    common = TINY + ["--data_path", str(data["pretrain"]), "--batch_size", "2", "--max_steps", "6",
+                     "--seed", "3"]
+    one = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "one"), "--accumulation_steps", "2"]
+                 + common)
+    assert one.returncode == 0, one.stderr
+    two = python(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "trainer/train_pretrain.py", "--save_dir", str(tmp_path / "two")] + common, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes" in two.stdout
+    assert "pretrain: 6 steps" in one.stdout and "pretrain: 6 steps" in two.stdout
+    a, b = safe_torch_load(tmp_path / "one" / "pretrain_64.pth"), safe_torch_load(tmp_path / "two" / "pretrain_64.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = ((a[k] - b[k]).norm() / a[k].norm()).item()
+        assert rel < 1e-5, (k, rel)
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_the_series(tmp_path, data):
+    pytest.importorskip("wandb")
+    res = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
+                  "--max_steps", "4", "--use_wandb"] + TINY,
+                 env_extra={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"},
+                 timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

@@ -1,0 +1,513 @@
+"""The one training loop behind train_pretrain.py, train_full_sft.py and train_lora.py.
+
+Notable choices:
+- The loss of an optimizer step is the mean over every target token of the global batch (all
+  micro-batches, all ranks), so DDP and gradient accumulation give the same update as one big batch.
+- Data order is a seeded list of batches per epoch, split across ranks; resume skips the batches already
+  seen, and restores optimizer, scaler, schedule and RNG, so a resumed run ends on the same weights.
+- The host syncs with the device only every --log_interval steps (loss, NaN check) and at saves.
+- Nothing is saved after a non-finite loss: the last good checkpoint stays.
+"""
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # scripts run as `python trainer/train_x.py` from any directory
+    sys.path.insert(0, str(REPO_ROOT))
+
+from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, safe_torch_load,  # noqa: E402
+                              unwrap)
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from dataset.lm_dataset import DataError, LengthGroupedBatchSampler, PadCollator  # noqa: E402
+
+DEMO_DIR = REPO_ROOT / "dataset" / "demo"
+
+
+class TrainError(RuntimeError):
+    """Bad input or a failed run; main() prints the message as one line and exits."""
+
+
+def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
+    """The flags MiniMind users know, with each trainer's defaults."""
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    a("--save_dir", default=str(REPO_ROOT / "out"), help="where weights go (adapters in its lora/ folder)")
+    a("--save_weight", default=defaults.pop("save_weight"), help="output name prefix: {save_weight}_{hidden}.pth")
+    a("--data_path", default=str(defaults.pop("data_path")), help="jsonl training data")
+    a("--epochs", type=int, default=1)
+    a("--batch_size", type=int, default=16, help="per process, per micro-batch")
+    a("--learning_rate", type=float, default=5e-4)
+    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+      help="autocast dtype on CUDA; the CPU trains in float32")
+    a("--num_workers", type=int, default=0)
+    a("--accumulation_steps", type=int, default=1)
+    a("--grad_clip", type=float, default=1.0)
+    a("--warmup_steps", type=int, default=None, help="linear warmup (default: 2%% of the steps)")
+    a("--log_interval", type=int, default=10)
+    a("--save_interval", type=int, default=200)
+    a("--eval_data_path", default=None, help="held-out jsonl scored every --eval_interval steps and at the end")
+    a("--eval_interval", type=int, default=0)
+    a("--eval_batches", type=int, default=20)
+    a("--hidden_size", type=int, default=256)
+    a("--num_hidden_layers", type=int, default=4)
+    a("--num_attention_heads", type=int, default=8)
+    a("--num_key_value_heads", type=int, default=4)
+    a("--max_seq_len", type=int, default=256)
+    a("--from_weight", default=defaults.pop("from_weight"), help="base weights to start from ('none': random)")
+    a("--from_resume", type=int, default=0, choices=[0, 1], help="1: continue from the last resume checkpoint")
+    a("--use_wandb", action="store_true")
+    a("--wandb_project", default="MiniMind")
+    a("--use_compile", type=int, default=0, choices=[0, 1])
+    a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run all epochs)")
+    a("--seed", type=int, default=42)
+    a("--skip_bad_lines", action="store_true", help="skip and count malformed data lines instead of stopping")
+    a("--group_by_length", type=int, default=1, choices=[0, 1],
+      help="1: batch samples of similar length together (less padding); 0: plain random batches")
+    p.set_defaults(**defaults)
+    return p
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    scaler: Optional[torch.amp.GradScaler]
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_runtime(args) -> Runtime:
+    """Single process, or torchrun DDP (NCCL on CUDA, gloo on CPU); seeds every RNG."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        if world_size > 1:
+            device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    set_seed(args.seed)
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    use_amp = device.type == "cuda" and dtype != torch.float32
+    autocast = torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if use_amp and dtype == torch.float16 else None
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return Runtime(rank, local_rank, world_size, device, autocast, scaler)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def weight_path(save_dir, name: str, hidden_size: int) -> Path:
+    return Path(save_dir) / f"{name}_{hidden_size}.pth"
+
+
+def model_config(args) -> MiniMindConfig:
+    return MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+                          num_attention_heads=args.num_attention_heads,
+                          num_key_value_heads=args.num_key_value_heads)
+
+
+MAKES = {"pretrain": "python trainer/train_pretrain.py", "full_sft": "python trainer/train_full_sft.py"}
+
+
+def init_model(args, tokenizer_vocab: int) -> MiniMindForCausalLM:
+    """A fresh model (--from_weight none) or the base weights named by --from_weight."""
+    if args.from_weight in (None, "", "none"):
+        config = model_config(args)
+        config.vocab_size = tokenizer_vocab
+        return MiniMindForCausalLM(config)
+    path = Path(args.from_weight)
+    if not path.suffix:  # a name, MiniMind-style: out/{name}_{h}.pth
+        path = weight_path(args.save_dir, args.from_weight, args.hidden_size)
+    if not path.is_file():
+        make = MAKES.get(args.from_weight, "the trainer that writes it")
+        raise TrainError(f"--from_weight {args.from_weight}: {path} does not exist; make it first with `{make}`"
+                         f" (same --hidden_size {args.hidden_size})")
+    try:
+        model = load_model(path, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    if model.config.vocab_size != tokenizer_vocab:
+        raise TrainError(f"{path}: vocab size {model.config.vocab_size} differs from the tokenizer's "
+                         f"{tokenizer_vocab}; train with the tokenizer the base was trained with")
+    return model
+
+
+def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warmup, then cosine decay to 10% of base_lr (MiniMind's floor)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def rng_state() -> dict:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    # Plain lists and numbers only, so the resume file loads with weights_only=True.
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class NonFiniteLoss(TrainError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int = 0          # optimizer steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # per rank, for resume
+    tokens_seen: int = 0
+    history: list = None   # one dict per log point ({"step", "loss", "lr", ...}), for the loss curve
+
+    def __post_init__(self):
+        self.history = self.history or []
+
+
+def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, trainable: list,
+          save: Callable[[torch.nn.Module], Path], trainable_state: Callable[[torch.nn.Module], dict],
+          load_trainable_state: Callable[[torch.nn.Module, dict], None], eval_dataset=None) -> TrainState:
+    """Train `trainable` parameters of `model` on `dataset`; `save(model)` writes the result and returns its path.
+    trainable_state/load_trainable_state carry what a resume checkpoint needs of the model."""
+    if len(dataset) < args.batch_size * rt.world_size:
+        raise TrainError(f"{args.data_path}: {len(dataset)} samples, fewer than one global batch "
+                         f"(--batch_size {args.batch_size} x {rt.world_size} processes); lower --batch_size")
+    model.to(rt.device)
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0,
+                                  fused=rt.device.type == "cuda")
+    # group_size 1 is a plain shuffle: each batch is a random chunk of the permutation.
+    sampler = LengthGroupedBatchSampler(dataset, args.batch_size, seed=args.seed,
+                                        group_size=64 if args.group_by_length else 1,
+                                        rank=rt.rank, world_size=rt.world_size)
+    batches_per_epoch = len(sampler)
+    steps_per_epoch = batches_per_epoch // args.accumulation_steps
+    total_steps = steps_per_epoch * args.epochs
+    if args.max_steps:
+        total_steps = min(total_steps, args.max_steps) if total_steps else args.max_steps
+    if total_steps == 0:
+        raise TrainError(f"{args.data_path}: one epoch is {batches_per_epoch} batches, fewer than "
+                         f"--accumulation_steps {args.accumulation_steps}; lower it or --batch_size")
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 50)
+
+    state = TrainState()
+    resume_path = Path(args.save_dir) / "checkpoints" / f"{args.save_weight}_{args.hidden_size}_resume.pth"
+    if args.from_resume:
+        state = _load_resume(resume_path, rt, model, optimizer, load_trainable_state, args)
+
+    net = model
+    if args.use_compile:
+        net = torch.compile(net)
+    if rt.world_size > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    wandb_run = _start_wandb(args, rt, state) if args.use_wandb and rt.is_main else None
+    bar = None
+    if rt.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=state.step, desc=args.save_weight, dynamic_ncols=True,
+                   mininterval=1.0, disable=None)
+
+    def save_all():
+        path = save(model)
+        atomic_torch_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
+                           "scaler": rt.scaler.state_dict() if rt.scaler else None,
+                           "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                           "tokens_seen": state.tokens_seen, "history": state.history,
+                           "world_size": rt.world_size, "batch_size": args.batch_size,
+                           "accumulation_steps": args.accumulation_steps, "rng": rng_state(),
+                           "wandb_id": getattr(wandb_run, "id", None)}, resume_path)
+        return path
+
+    running_loss = torch.zeros((), device=rt.device)  # summed on the device; read only at log points
+    last_log_time, last_log_tokens, last_log_step = time.time(), state.tokens_seen, state.step
+    last_good_save = None
+    model.train()
+    try:
+        while state.step < total_steps and state.epoch < args.epochs:
+            sampler.set_epoch(state.epoch)
+            loader = DataLoader(dataset, batch_sampler=list(sampler)[state.batches_in_epoch:], collate_fn=collate,
+                                num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+            group = []
+            for batch in loader:
+                group.append(batch)
+                if len(group) < args.accumulation_steps:
+                    continue
+                lr = cosine_lr(state.step, total_steps, args.learning_rate, warmup)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                loss = _optimizer_step(net, optimizer, group, rt, args, trainable)
+                running_loss += loss
+                state.step += 1
+                state.batches_in_epoch += len(group)
+                state.tokens_seen += sum(int((b["input_ids"] != collate.pad_id).sum()) for b in group) * rt.world_size
+                group = []
+                is_last = state.step >= total_steps
+                if state.step % args.log_interval == 0 or is_last:
+                    mean_loss = _checked_loss(running_loss, rt, state, last_good_save) / (state.step - last_log_step)
+                    now = time.time()
+                    tok_s = (state.tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
+                    state.history.append({"step": state.step, "loss": mean_loss, "lr": lr, "tokens_per_sec": tok_s})
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+                        bar.update(state.step - bar.n)
+                    if wandb_run is not None:
+                        wandb_run.log({"loss": mean_loss, "lr": lr, "tokens_per_sec": tok_s,
+                                       "tokens_seen": state.tokens_seen}, step=state.step)
+                    running_loss.zero_()
+                    last_log_time, last_log_tokens, last_log_step = now, state.tokens_seen, state.step
+                if eval_dataset is not None and args.eval_interval and state.step % args.eval_interval == 0:
+                    _log_eval(model, eval_dataset, collate, args, rt, state, bar, wandb_run)
+                if state.step % args.save_interval == 0 or is_last:
+                    if state.step != last_log_step:  # never save weights whose loss was not checked
+                        _checked_loss(running_loss, rt, state, last_good_save)
+                    if rt.is_main:
+                        last_good_save = save_all()
+                    _barrier(rt)
+                if is_last:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                continue
+            break
+        if eval_dataset is not None:
+            _log_eval(model, eval_dataset, collate, args, rt, state, bar, wandb_run)
+    finally:
+        if bar is not None:
+            bar.close()
+        if wandb_run is not None:
+            wandb_run.finish()
+    return state
+
+
+def _optimizer_step(net, optimizer, group, rt: Runtime, args, trainable) -> torch.Tensor:
+    """Forward/backward over the micro-batches of one step; returns the step's loss as a device tensor."""
+    n_targets = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)), device=rt.device)
+    if rt.world_size > 1:
+        dist.all_reduce(n_targets)  # async on the device: no host sync
+    step_loss = torch.zeros((), device=rt.device)
+    for i, batch in enumerate(group):
+        input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
+        labels = batch["labels"].to(rt.device, non_blocking=True)
+        n_micro = (labels[:, 1:] != -100).sum()
+        sync = i == len(group) - 1 or rt.world_size == 1
+        with (contextlib.nullcontext() if sync else net.no_sync()), rt.autocast:
+            # loss = token mean of this micro-batch; re-weight it to a share of the global token mean.
+            # DDP averages gradients over ranks, hence the world_size factor.
+            loss = net(input_ids, labels=labels).loss * n_micro / n_targets * rt.world_size
+        (rt.scaler.scale(loss) if rt.scaler else loss).backward()
+        step_loss += loss.detach() / rt.world_size
+    if rt.scaler:
+        rt.scaler.unscale_(optimizer)
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+    if rt.scaler:
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
+def _global_mean(t: torch.Tensor, rt: Runtime) -> float:
+    t = t.detach().clone()
+    if rt.world_size > 1:
+        dist.all_reduce(t)
+    return t.item()
+
+
+def _checked_loss(running_loss, rt, state, last_good_save) -> float:
+    """The summed loss since the last log point, read from the device; a non-finite one stops the run."""
+    value = _global_mean(running_loss, rt)
+    if not math.isfinite(value):
+        raise NonFiniteLoss(f"step {state.step}: loss is {value}; stopped without saving. "
+                            + (f"Last good checkpoint: {last_good_save}. " if last_good_save else "")
+                            + "Lower --learning_rate, check the data, or train in float32.")
+    return value
+
+
+def _barrier(rt):
+    if rt.world_size > 1:
+        dist.barrier()
+
+
+@torch.no_grad()
+def evaluate_loss(model, dataset, collate, batch_size: int, device, max_batches: int = 0, autocast=None) -> float:
+    """Token-mean loss over (the first max_batches batches of) a dataset, in order."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        labels = batch["labels"].to(device)
+        n = (labels[:, 1:] != -100).sum()
+        with autocast or contextlib.nullcontext():
+            total += model(batch["input_ids"].to(device), labels=labels).loss.float() * n
+        count += n
+    model.train(was_training)
+    return (total / count.clamp(min=1)).item()
+
+
+def _log_eval(model, eval_dataset, collate, args, rt, state, bar, wandb_run):
+    if not rt.is_main:
+        return
+    loss = evaluate_loss(model, eval_dataset, collate, args.batch_size, rt.device, args.eval_batches, rt.autocast)
+    msg = f"step {state.step}: eval loss {loss:.4f}, ppl {math.exp(min(loss, 50)):.2f}"
+    (bar.write if bar is not None else print)(msg)
+    state.history.append({"step": state.step, "eval_loss": loss})
+    if wandb_run is not None:
+        wandb_run.log({"eval_loss": loss}, step=state.step)
+
+
+def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state, args) -> TrainState:
+    if not path.is_file():
+        raise TrainError(f"--from_resume 1: no resume checkpoint at {path}; start without --from_resume "
+                         f"(or with the same --save_dir/--save_weight/--hidden_size as the run to continue)")
+    ckpt = safe_torch_load(path)
+    same = (ckpt["world_size"], ckpt["batch_size"], ckpt["accumulation_steps"]) == (
+        rt.world_size, args.batch_size, args.accumulation_steps)
+    if not same:
+        raise TrainError(f"{path}: saved with {ckpt['world_size']} processes x --batch_size {ckpt['batch_size']} x "
+                         f"--accumulation_steps {ckpt['accumulation_steps']}; resume with the same values")
+    load_trainable_state(model, ckpt["model"])
+    model.to(rt.device)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if rt.scaler and ckpt["scaler"]:
+        rt.scaler.load_state_dict(ckpt["scaler"])
+    restore_rng(ckpt["rng"])
+    args.wandb_id = ckpt.get("wandb_id")
+    if rt.is_main:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batches_in_epoch=ckpt["batches_in_epoch"],
+                      tokens_seen=ckpt["tokens_seen"], history=list(ckpt["history"]))
+
+
+def _start_wandb(args, rt, state):
+    import wandb  # only when asked for
+    run_id = getattr(args, "wandb_id", None)
+    return wandb.init(project=args.wandb_project, name=f"{args.save_weight}_{args.hidden_size}",
+                      config=vars(args), id=run_id, resume="allow" if run_id else None)
+
+
+def plot_loss(history, path: Path, title: str) -> Optional[Path]:
+    """Training (and eval) loss against step, as a PNG beside the weights."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train_pts = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    eval_pts = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if not train_pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(*zip(*train_pts), label="train loss")
+    if eval_pts:
+        ax.plot(*zip(*eval_pts), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def load_full_state(model, state_dict: dict) -> None:
+    """Resume of full-parameter training: every weight comes from the checkpoint."""
+    model.load_state_dict(state_dict)
+
+
+def cleanup(rt: Optional[Runtime]) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_main(main_fn, argv=None) -> int:
+    """Run a trainer's main; bad input and failed runs print one line instead of a traceback."""
+    try:
+        main_fn(argv)
+        return 0
+    except (TrainError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup(None)
+
+
+def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_state: Callable,
+        load_trainable_state: Callable) -> TrainState:
+    """What every trainer does around the loop: runtime, tokenizer, data, model, train, plot, report.
+    prepare_model(model) -> list of trainable parameters (and applies LoRA, for train_lora)."""
+    from model.tokenizer import Tokenizer
+    rt = setup_runtime(args)
+    tokenizer = Tokenizer()
+    dataset = dataset_cls(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    if args.skip_bad_lines and dataset.n_skipped and rt.is_main:
+        print(f"{args.data_path}: skipped {dataset.n_skipped} malformed lines")
+    eval_dataset = dataset_cls(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+    model = init_model(args, tokenizer.vocab_size)
+    trainable = prepare_model(model)
+    collate = PadCollator(tokenizer.pad_token_id)
+    if rt.is_main:
+        n_train = sum(p.numel() for p in trainable)
+        print(f"{args.save_weight}: {model.num_parameters() / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
+              f"({100 * n_train / model.num_parameters():.2f}%), {len(dataset)} samples, device {rt.device}"
+              + (f", {rt.world_size} processes" if rt.world_size > 1 else ""))
+    t0 = time.time()
+    state = train(args, rt, model, dataset, collate, trainable=trainable, save=save,
+                  trainable_state=trainable_state, load_trainable_state=load_trainable_state,
+                  eval_dataset=eval_dataset)
+    if rt.is_main:
+        elapsed = time.time() - t0
+        plot = plot_loss(state.history, Path(args.save_dir) / f"{args.save_weight}_{args.hidden_size}_loss.png",
+                         f"{args.save_weight} (hidden {args.hidden_size})")
+        last = next((h["loss"] for h in reversed(state.history) if "loss" in h), float("nan"))
+        print(f"{args.save_weight}: {state.step} steps in {elapsed:.0f}s, final loss {last:.4f}, "
+              f"{state.tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s" + (f"; loss curve {plot}" if plot else ""))
+    return state
