@@ -1,0 +1,475 @@
+"""LoRA, white-box: y = W0 x + s * B(A(dropout(x))), s = alpha / r (rsLoRA: alpha / sqrt(r)).
+
+- `LoRALinear` wraps a frozen nn.Linear by composition and keeps its `weight`/`bias` Parameters, so the
+  base keys (`...q_proj.weight`) never change; adapters live in `...q_proj.lora.{adapter}.A/B`.
+- Several named adapters per layer, one active at a time (or none); switching never touches W0.
+- Adapter files hold only A and B under MiniMind's keys (`{module}.lora.A.weight`, r x in;
+  `{module}.lora.B.weight`, out x r) plus a JSON config: in `.pth` as the string under
+  `"__lora_config__"`, in `.safetensors` in the header. A file without it is MiniMind's: scale 1.
+- Default targets follow MiniMind: the square projections (q_proj and o_proj under GQA).
+"""
+import contextlib
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.checkpoint import (REPO_ROOT, CheckpointError, atomic_torch_save, atomic_write, clean_state_dict,
+                              safe_torch_load, unwrap)
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CONFIG_KEY = "__lora_config__"          # extra .pth key; MiniMind's loader only reads keys containing `.lora.`
+SAFETENSORS_CONFIG_KEY = "lora_config"
+FORMAT_VERSION = 1
+FINGERPRINT_DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "intermediate_size")
+_KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<matrix>[AB])\.weight$")
+
+
+class LoRAError(CheckpointError, ValueError):
+    """An adapter request that cannot be met; the one-line message names what and where."""
+
+
+class LoRA(nn.Module):
+    """One adapter: x -> scale * B(A(dropout(x))), with A: in -> r and B: r -> out."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise LoRAError(f"LoRA rank must be >= 1, got {rank}")
+        self.rank = rank
+        self.set_scale(alpha, use_rslora)
+        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # A != 0: B's gradient is (dL/dy) (Ax)^T, so A must be nonzero or B (and then A) never moves.
+        nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))  # PEFT's choice
+        # B = 0: B @ A = 0, so training starts exactly at the base model.
+        nn.init.zeros_(self.B.weight)
+
+    def set_scale(self, alpha: float, use_rslora: bool = False) -> None:
+        self.alpha, self.use_rslora = alpha, use_rslora
+        # alpha/r: the update's size does not grow with rank, so changing r needs no new learning rate.
+        # rsLoRA's alpha/sqrt(r) stops large ranks from learning slower than small ones.
+        self.scale = alpha / math.sqrt(self.rank) if use_rslora else alpha / self.rank
+
+    def forward(self, x):
+        # B(Ax): r*(d+k) multiply-adds per token; the d x k matrix B @ A is never built here.
+        return self.B(self.A(self.dropout(x))) * self.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A in fp32, the d x k update; only merging needs it."""
+        return (self.B.weight.float() @ self.A.weight.float()) * self.scale
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus named adapters. Holds the base layer's own `weight`/`bias` Parameters,
+    so a LoRA model's state dict keeps the base names and its base part loads into a plain model."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.register_parameter("bias", base.bias)
+        self.lora = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.merged_adapter: Optional[str] = None  # folded into `weight`: forward skips the branch
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.active_adapter is None or self.merged_adapter is not None:
+            return y
+        return y + self.lora[self.active_adapter](x)
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        self.weight.copy_((self.weight.float() + self.lora[name].delta_weight()).to(self.weight.dtype))
+        self.merged_adapter = name
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        delta = self.lora[self.merged_adapter].delta_weight()
+        self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+        self.merged_adapter = None
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, active={self.active_adapter!r}"
+
+
+def lora_layers(model) -> list[tuple[str, LoRALinear]]:
+    """(name, layer) of every LoRALinear, names as in the unwrapped model."""
+    return [(n, m) for n, m in unwrap(model).named_modules() if isinstance(m, LoRALinear)]
+
+
+def find_targets(root: nn.Module, target_modules) -> list[tuple[str, nn.Module]]:
+    """The linear layers to adapt: None/'square' = MiniMind's square rule; a list or 'a,b' string of
+    projection names; 'all-linear' = all seven projections. Never embeddings or lm_head."""
+    if isinstance(target_modules, str) and target_modules.strip() in ("", "square"):
+        target_modules = None
+    if target_modules == "all-linear":
+        kinds = set(PROJECTIONS)
+    elif target_modules is not None:
+        names = target_modules.split(",") if isinstance(target_modules, str) else list(target_modules)
+        kinds = {n.strip() for n in names if n.strip()}
+        unknown = sorted(kinds - set(PROJECTIONS))
+        if unknown or not kinds:
+            raise LoRAError(f"unknown LoRA target {unknown[0] if unknown else '(empty)'!r}; valid: "
+                            f"{', '.join(PROJECTIONS)}, all-linear, or none for the square layers")
+    chosen = []
+    for name, m in root.named_modules():
+        if not isinstance(m, (nn.Linear, LoRALinear)) or name.rsplit(".", 1)[-1] not in PROJECTIONS:
+            continue
+        if target_modules is None and m.in_features != m.out_features:
+            continue
+        if target_modules is None or name.rsplit(".", 1)[-1] in kinds:
+            chosen.append((name, m))
+    if not chosen:
+        raise LoRAError(f"no linear layer matches LoRA targets {target_modules!r}")
+    return chosen
+
+
+def _wrap(root: nn.Module, name: str, layer: nn.Module) -> LoRALinear:
+    if isinstance(layer, LoRALinear):
+        return layer
+    parent_name, _, leaf = name.rpartition(".")
+    wrapped = LoRALinear(layer)
+    setattr(root.get_submodule(parent_name) if parent_name else root, leaf, wrapped)
+    return wrapped
+
+
+def _check_not_merged(model, doing: str) -> None:
+    for _, m in lora_layers(model):
+        if m.merged_adapter is not None:
+            raise LoRAError(f"adapter {m.merged_adapter!r} is merged into the base weights; "
+                            f"call unmerge_lora(model) before {doing}")
+
+
+def apply_lora(model, rank: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
+               use_rslora: bool = False, adapter_name: str = "default") -> dict:
+    """Add a new adapter `adapter_name` to the target layers, make it the active one and the only
+    trainable parameters (base weights and other adapters frozen). Returns `adapter_stats`.
+    target_modules: None (MiniMind's square layers), names from PROJECTIONS (list or 'q_proj,v_proj'),
+    or 'all-linear'. Calling it again with another adapter_name adds a second adapter."""
+    root = unwrap(model)
+    _check_not_merged(root, "adding an adapter")
+    targets = find_targets(root, target_modules)
+    if adapter_name in list_adapters(root):
+        raise LoRAError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
+    for name, layer in targets:
+        w = layer.weight
+        _wrap(root, name, layer).lora[adapter_name] = LoRA(layer.in_features, layer.out_features, rank, alpha,
+                                                           dropout, use_rslora, device=w.device, dtype=w.dtype)
+    mark_only_lora_trainable(root, adapter_name)
+    set_adapter(root, adapter_name)
+    return adapter_stats(root, adapter_name)
+
+
+def mark_only_lora_trainable(model, adapter_name: str) -> None:
+    """Freeze everything except adapter `adapter_name`'s A and B."""
+    root = unwrap(model)
+    for p in root.parameters():
+        p.requires_grad_(False)
+    for p in lora_parameters(root, adapter_name):
+        p.requires_grad_(True)
+
+
+def lora_parameters(model, adapter_name: Optional[str] = None) -> list[nn.Parameter]:
+    """A and B of one adapter (default: the active one): what the optimizer gets."""
+    name = _resolve_name(model, adapter_name)
+    return [p for _, m in lora_layers(model) if name in m.lora for p in m.lora[name].parameters()]
+
+
+def list_adapters(model) -> list[str]:
+    """Adapter names in the order they were added."""
+    return list(dict.fromkeys(n for _, m in lora_layers(model) for n in m.lora))
+
+
+def active_adapter(model) -> Optional[str]:
+    return next((m.active_adapter for _, m in lora_layers(model) if m.active_adapter is not None), None)
+
+
+def _resolve_name(model, adapter_name: Optional[str]) -> str:
+    name = adapter_name if adapter_name is not None else active_adapter(model)
+    if name is None:
+        raise LoRAError("no active LoRA adapter; name one")
+    if name not in list_adapters(model):
+        raise LoRAError(f"no adapter named {name!r}; the model has {list_adapters(model) or 'none'}")
+    return name
+
+
+def adapter_config(model, adapter_name: Optional[str] = None) -> dict:
+    """What was trained: rank, alpha, rslora, dropout, targets, dtype, and the base's fingerprint."""
+    name = _resolve_name(model, adapter_name)
+    layers = [(n, m) for n, m in lora_layers(model) if name in m.lora]
+    first = layers[0][1].lora[name]
+    kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in layers}, key=PROJECTIONS.index)
+    return {"format_version": FORMAT_VERSION, "adapter_name": name, "rank": first.rank, "alpha": first.alpha,
+            "use_rslora": first.use_rslora, "dropout": getattr(first.dropout, "p", 0.0),
+            "target_modules": kinds, "dtype": str(first.A.weight.dtype).removeprefix("torch."),
+            "base": base_fingerprint(model, layers)}
+
+
+def base_fingerprint(model, layers: Iterable[tuple[str, nn.Module]]) -> dict:
+    """Config dims plus the (out, in) shape of each targeted layer kind; no weight values."""
+    config = getattr(unwrap(model), "config", None)
+    dims = {k: getattr(config, k) for k in FINGERPRINT_DIMS if hasattr(config, k)}
+    shapes = {}
+    for name, m in layers:
+        shapes.setdefault(name.rsplit(".", 1)[-1], [m.out_features, m.in_features])
+    return {**dims, "layer_shapes": shapes}
+
+
+def adapter_stats(model, adapter_name: Optional[str] = None) -> dict:
+    """Trainable count and share of the whole model, for logging (see trainable_summary)."""
+    root = unwrap(model)
+    cfg = adapter_config(root, adapter_name)
+    trainable = sum(p.numel() for p in root.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in root.parameters())
+    adapter = sum(p.numel() for p in lora_parameters(root, cfg["adapter_name"]))
+    return {"adapter_name": cfg["adapter_name"], "rank": cfg["rank"], "alpha": cfg["alpha"],
+            "use_rslora": cfg["use_rslora"], "target_modules": cfg["target_modules"],
+            "num_modules": sum(cfg["adapter_name"] in m.lora for _, m in lora_layers(root)),
+            "adapter_params": adapter, "trainable_params": trainable, "total_params": total,
+            "trainable_share": trainable / total}
+
+
+def trainable_summary(model, adapter_name: Optional[str] = None) -> str:
+    """One log line: which adapter, where, and how many parameters train."""
+    s = adapter_stats(model, adapter_name)
+    scale = "alpha/sqrt(r)" if s["use_rslora"] else "alpha/r"
+    return (f"LoRA {s['adapter_name']!r}: r={s['rank']} alpha={s['alpha']:g} ({scale}) on "
+            f"{','.join(s['target_modules'])} ({s['num_modules']} modules); trainable {s['trainable_params']:,} "
+            f"of {s['total_params']:,} parameters ({100 * s['trainable_share']:.3f}%)")
+
+
+def set_adapter(model, adapter_name: Optional[str]) -> None:
+    """Make `adapter_name` the active adapter in every layer that has it; None runs the bare base."""
+    layers = lora_layers(model)
+    if any(m.merged_adapter not in (None, adapter_name) for _, m in layers):
+        _check_not_merged(model, "switching adapters")
+    if adapter_name is not None:
+        _resolve_name(model, adapter_name)
+    for _, m in layers:
+        m.active_adapter = adapter_name if adapter_name in m.lora else None
+
+
+@contextlib.contextmanager
+def disable_adapters(model):
+    """`with disable_adapters(model):` runs the base model, then restores the active adapter."""
+    _check_not_merged(model, "disabling adapters")
+    layers = lora_layers(model)
+    saved = [m.active_adapter for _, m in layers]
+    for _, m in layers:
+        m.active_adapter = None
+    try:
+        yield model
+    finally:
+        for (_, m), name in zip(layers, saved):
+            m.active_adapter = name
+
+
+def merge_lora(model, adapter_name: Optional[str] = None) -> str:
+    """Fold s * B @ A of `adapter_name` (default: the active one) into W0 in place and make it active;
+    forward then costs what the base costs. Raises if an adapter is already merged; while merged,
+    set_adapter to another adapter and disable_adapters raise too (unmerge_lora first)."""
+    _check_not_merged(model, "merging again")
+    name = _resolve_name(model, adapter_name)
+    set_adapter(model, name)
+    for _, m in lora_layers(model):
+        if name in m.lora:
+            m.merge(name)
+    return name
+
+
+def unmerge_lora(model) -> Optional[str]:
+    """Subtract the merged adapter from W0 again (exact up to fp32 rounding); returns its name, or None."""
+    name = None
+    for _, m in lora_layers(model):
+        if m.merged_adapter is not None:
+            name = m.merged_adapter
+            m.unmerge()
+    return name
+
+
+def unload_lora(model) -> nn.Module:
+    """Replace every LoRALinear by a plain nn.Linear with the same weight (merged or not) and drop all
+    adapters. After merge_lora this gives a plain model with the adapter baked in."""
+    root = unwrap(model)
+    for name, m in lora_layers(root):
+        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        plain.weight, plain.bias = m.weight, m.bias
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(parent_name) if parent_name else root, leaf, plain)
+    return root
+
+
+def lora_state_dict(model, adapter_name: Optional[str] = None) -> dict:
+    """One adapter's A and B under MiniMind's keys, on CPU, plus its JSON config under CONFIG_KEY."""
+    name = _resolve_name(model, adapter_name)
+    state = {}
+    for module, m in lora_layers(model):
+        if name in m.lora:
+            state[f"{module}.lora.A.weight"] = m.lora[name].A.weight.detach().cpu().contiguous()
+            state[f"{module}.lora.B.weight"] = m.lora[name].B.weight.detach().cpu().contiguous()
+    state = clean_state_dict(state)  # names come from the unwrapped model; belt and braces
+    state[CONFIG_KEY] = json.dumps(adapter_config(model, name))
+    return state
+
+
+def save_lora(model, path, adapter_name: Optional[str] = None) -> None:
+    """Write one adapter (default: the active one) to `.pth` or `.safetensors`, atomically."""
+    state = lora_state_dict(model, adapter_name)
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        config = state.pop(CONFIG_KEY)
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={SAFETENSORS_CONFIG_KEY: config}))
+    else:
+        atomic_torch_save(state, path)
+
+
+def read_lora_file(path) -> dict:
+    """The file's tensors (prefixes stripped) and, if present, its config JSON under CONFIG_KEY.
+    Never unpickles objects: safetensors, or torch.load(weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LoRAError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                state = {k: f.get_tensor(k) for k in f.keys()}
+                config = (f.metadata() or {}).get(SAFETENSORS_CONFIG_KEY)
+        except Exception as e:  # safetensors raises its own error types
+            raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
+        if config is not None:
+            state[CONFIG_KEY] = config
+    else:
+        try:
+            state = safe_torch_load(path)
+        except CheckpointError as e:
+            raise LoRAError(str(e)) from None
+        if not isinstance(state, dict):
+            raise LoRAError(f"{path}: holds a {type(state).__name__}, not a LoRA state dict")
+    return clean_state_dict(state)
+
+
+def find_adapter(name_or_path, hidden_size: Optional[int] = None, out_dir=REPO_ROOT / "out") -> Path:
+    """An existing file as given, else MiniMind's naming: {out}/lora/{name}_{h}.pth, then {out}/{name}_{h}.pth
+    (.safetensors after .pth; without hidden_size, {name}.pth)."""
+    given = Path(name_or_path)
+    if given.is_file():
+        return given
+    stem = f"{given.name}_{hidden_size}" if hidden_size else given.name
+    tried = [Path(out_dir) / sub / f"{stem}{ext}" for sub in ("lora", ".") for ext in (".pth", ".safetensors")]
+    found = next((p for p in tried if p.is_file()), None)
+    if found is None:
+        raise LoRAError(f"{name_or_path}: no such adapter file (also looked for {tried[0]} and {tried[2]})")
+    return found
+
+
+def default_adapter_name(path, model=None) -> str:
+    """The file stem, minus a trailing `_{hidden_size}` of the model: lora_identity_256.pth -> lora_identity."""
+    stem = Path(path).stem
+    hidden = getattr(getattr(unwrap(model), "config", None), "hidden_size", None) if model is not None else None
+    suffix = f"_{hidden}"
+    return stem[:-len(suffix)] if hidden is not None and stem.endswith(suffix) and stem != suffix else stem
+
+
+def load_lora(model, path, adapter_name: Optional[str] = None) -> str:
+    """Load an adapter file into the model and make it active; returns the adapter's name.
+    adapter_name defaults to `default_adapter_name(path)`. An existing adapter of that name is
+    overwritten (its rank and modules must match; the file's alpha wins); otherwise it is created,
+    frozen, from the file. Files without a config are MiniMind's: scale 1 (alpha = r)."""
+    state = read_lora_file(path)
+    name = adapter_name if adapter_name is not None else default_adapter_name(path, model)
+    return load_lora_state_dict(model, state, name, source=str(path))
+
+
+def _parse_adapter(state: dict, source: str) -> tuple[dict, Optional[dict]]:
+    """{module: (A, B)} and the config (None for a MiniMind file), with shape checks of the file itself."""
+    state = dict(state)
+    config = state.pop(CONFIG_KEY, None)
+    config = json.loads(config) if isinstance(config, str) else config
+    pairs: dict[str, dict] = {}
+    for key, tensor in state.items():
+        match = _KEY.match(key)
+        if match is None or not isinstance(tensor, torch.Tensor):
+            raise LoRAError(f"{source}: unexpected key {key!r}; an adapter holds only "
+                            f"{{module}}.lora.A.weight and {{module}}.lora.B.weight (is this a base checkpoint?)")
+        pairs.setdefault(match["module"], {})[match["matrix"]] = tensor
+    if not pairs:
+        raise LoRAError(f"{source}: no LoRA weights ({{module}}.lora.A.weight) in the file")
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise LoRAError(f"{source}: {module} has lora.{''.join(ab)} but not both A and B")
+        a, b = ab["A"], ab["B"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoRAError(f"{source}: {module} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
+                            f"expected (r, in) and (out, r)")
+        if config is not None and a.shape[0] != config.get("rank", a.shape[0]):
+            raise LoRAError(f"{source}: {module} has rank {a.shape[0]} but the config says {config['rank']}")
+    return {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}, config
+
+
+def _check_fits_base(root: nn.Module, pairs: dict, config: Optional[dict], source: str) -> None:
+    """Raise on the first module the base lacks or whose shape differs, then on a fingerprint mismatch."""
+    modules = dict(root.named_modules())
+    for module, (a, b) in pairs.items():
+        layer = modules.get(module)
+        if not isinstance(layer, (nn.Linear, LoRALinear)):
+            raise LoRAError(f"{source}: {module} is not a linear layer of this model; "
+                            f"the adapter was trained on another base")
+        want, have = (b.shape[0], a.shape[1]), (layer.out_features, layer.in_features)
+        if want != have:
+            raise LoRAError(f"{source}: {module} is {have} (out, in) in the model but {want} in the adapter; "
+                            f"the adapter was trained on another base")
+    base = (config or {}).get("base") or {}
+    config_of_model = getattr(root, "config", None)
+    for dim in FINGERPRINT_DIMS:
+        if dim in base and hasattr(config_of_model, dim) and base[dim] != getattr(config_of_model, dim):
+            raise LoRAError(f"{source}: the adapter's base has {dim}={base[dim]}, this model has "
+                            f"{dim}={getattr(config_of_model, dim)}")
+
+
+def load_lora_state_dict(model, state: dict, adapter_name: str = "default", source: str = "state dict") -> str:
+    """load_lora for an in-memory dict such as lora_state_dict's (e.g. from a resume checkpoint).
+    Everything is checked before anything changes, so a refused file leaves the model as it was."""
+    root = unwrap(model)
+    _check_not_merged(root, "loading an adapter")
+    pairs, config = _parse_adapter(clean_state_dict(state), source)
+    _check_fits_base(root, pairs, config, source)
+    existing = {n: m.lora[adapter_name] for n, m in lora_layers(root) if adapter_name in m.lora}
+    if existing and set(existing) != set(pairs):
+        module = sorted(set(existing) ^ set(pairs))[0]
+        raise LoRAError(f"{source}: adapter {adapter_name!r} covers {module} only in the "
+                        f"{'file' if module in pairs else 'model'}; load it under another adapter_name")
+    for module, old in existing.items():
+        if old.rank != pairs[module][0].shape[0]:
+            raise LoRAError(f"{source}: {module} has rank {pairs[module][0].shape[0]} in the file but "
+                            f"{old.rank} in adapter {adapter_name!r}")
+    # No config: a MiniMind file, whose forward is W0x + B(Ax), i.e. scale 1, so alpha = r.
+    config = config or {}
+    modules = dict(root.named_modules())
+    for module, (a, b) in pairs.items():
+        rank = a.shape[0]
+        alpha, use_rslora = config.get("alpha", rank), bool(config.get("use_rslora", False))
+        layer = _wrap(root, module, modules[module])
+        lora = existing.get(module)
+        if lora is None:
+            lora = LoRA(layer.in_features, layer.out_features, rank, alpha, config.get("dropout", 0.0),
+                        device=layer.weight.device, dtype=layer.weight.dtype)
+            lora.requires_grad_(False)  # loaded for inference; apply_lora then load into its name to train on
+            layer.lora[adapter_name] = lora
+        lora.set_scale(alpha, use_rslora)  # the file records what was trained: it wins
+        with torch.no_grad():
+            lora.A.weight.copy_(a)  # copy_ casts: MiniMind files are often fp16
+            lora.B.weight.copy_(b)
+    set_adapter(root, adapter_name)
+    return adapter_name
