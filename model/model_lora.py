@@ -322,8 +322,8 @@ def lora_state_dict(model, adapter_name: Optional[str] = None) -> dict:
     return state
 
 
-def save_lora(model, path, adapter_name: Optional[str] = None) -> None:
-    """Write one adapter (default: the active one) to `.pth` or `.safetensors`, atomically."""
+def save_lora(model, path, adapter_name: Optional[str] = None) -> Path:
+    """Write one adapter (default: the active one) to `.pth` or `.safetensors`, atomically; returns the path."""
     state = lora_state_dict(model, adapter_name)
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -332,6 +332,7 @@ def save_lora(model, path, adapter_name: Optional[str] = None) -> None:
         atomic_write(path, lambda tmp: save_file(state, tmp, metadata={SAFETENSORS_CONFIG_KEY: config}))
     else:
         atomic_torch_save(state, path)
+    return path
 
 
 def read_lora_file(path) -> dict:

@@ -9,7 +9,7 @@ import torch
 
 from model.checkpoint import safe_torch_load
 from model.model_minimind import MiniMindForCausalLM
-from trainer import train_full_sft, train_pretrain
+from trainer import train_full_sft, train_lora, train_pretrain
 from trainer.trainer_utils import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,8 @@ def head(src: Path, dst: Path, n: int) -> Path:
 @pytest.fixture
 def data(tmp_path):
     return {"pretrain": head(DEMO / "pretrain.jsonl", tmp_path / "pretrain.jsonl", 96),
-            "sft": head(DEMO / "sft.jsonl", tmp_path / "sft.jsonl", 96)}
+            "sft": head(DEMO / "sft.jsonl", tmp_path / "sft.jsonl", 96),
+            "lora": head(DEMO / "lora_identity.jsonl", tmp_path / "lora_identity.jsonl", 64)}
 
 
 def run(main, argv, capsys):
@@ -179,3 +180,74 @@ def test_wandb_offline_logs_the_series(tmp_path, data):
     assert res.returncode == 0, res.stderr[-3000:]
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+@pytest.fixture
+def sft_base(tmp_path, data, capsys):
+    """A tiny out/full_sft_64.pth (from scratch: LoRA tests need a base, not a good one)."""
+    out = tmp_path / "out"
+    code, log, _ = run(train_full_sft.main, TINY + ["--save_dir", str(out), "--data_path", str(data["sft"]),
+                                                "--from_weight", "none", "--max_steps", "2"], capsys)
+    assert code == 0, log
+    return out
+
+
+def test_lora_trains_only_the_adapter(sft_base, data, capsys):
+    base = safe_torch_load(sft_base / "full_sft_64.pth")
+    code, log, _ = run(train_lora.main, TINY + ["--save_dir", str(sft_base), "--data_path", str(data["lora"]),
+                                            "--max_steps", "6", "--lora_rank", "4"], capsys)
+    assert code == 0, log
+    assert "trainable" in log and "lora_identity: 6 steps" in log
+    adapter_file = sft_base / "lora" / "lora_identity_64.pth"
+    adapter = safe_torch_load(adapter_file)
+    weights = {k: v for k, v in adapter.items() if k != "__lora_config__"}
+    # MiniMind's key format, rank 4 on q_proj and o_proj (the square projections) of both layers.
+    assert sorted(weights) == sorted(f"model.layers.{i}.self_attn.{m}.lora.{ab}.weight"
+                                     for i in range(2) for m in ("q_proj", "o_proj") for ab in "AB")
+    assert weights["model.layers.0.self_attn.q_proj.lora.A.weight"].shape == (4, 64)
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if ".B." in k)  # B left zero: nothing was learned
+    assert adapter_file.stat().st_size < (sft_base / "full_sft_64.pth").stat().st_size / 20
+    assert all(torch.equal(v, safe_torch_load(sft_base / "full_sft_64.pth")[k]) for k, v in base.items())
+
+
+class Crash(Exception):
+    pass
+
+
+def test_lora_resume_matches_uninterrupted_run(sft_base, data, capsys, monkeypatch):
+    common = TINY + ["--save_dir", str(sft_base), "--data_path", str(data["lora"]), "--max_steps", "8",
+                     "--save_interval", "4", "--seed", "5"]
+    code, log, _ = run(train_lora.main, common + ["--lora_name", "straight"], capsys)
+    assert code == 0, log
+    from trainer import trainer_utils
+    save = trainer_utils.atomic_torch_save
+
+    def save_then_crash(obj, path):
+        save(obj, path)
+        if isinstance(obj, dict) and obj.get("step") == 4:
+            raise Crash  # dies right after the step-4 resume checkpoint
+
+    monkeypatch.setattr(trainer_utils, "atomic_torch_save", save_then_crash)
+    with pytest.raises(Crash):
+        train_lora.main(common + ["--lora_name", "resumed"])
+    monkeypatch.setattr(trainer_utils, "atomic_torch_save", save)
+    code, log, _ = run(train_lora.main, common + ["--lora_name", "resumed", "--from_resume", "1"], capsys)
+    assert code == 0 and "resumed from" in log, log
+    a = safe_torch_load(sft_base / "lora" / "straight_64.pth")
+    b = safe_torch_load(sft_base / "lora" / "resumed_64.pth")
+    assert a.keys() == b.keys()
+    for k in a:
+        if k != "__lora_config__":
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_unknown_lora_target_is_one_line(sft_base, data, capsys):
+    code, log, err = run(train_lora.main, TINY + ["--save_dir", str(sft_base), "--data_path", str(data["lora"]),
+                                              "--lora_targets", "q_proj,qkv"], capsys)
+    assert code == 2 and "qkv" in err and "q_proj" in err and err.count("\n") == 1, err
+
+
+def test_lora_without_base_names_the_command(tmp_path, data, capsys):
+    code, log, err = run(train_lora.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["lora"])],
+                         capsys)
+    assert code == 2 and "full_sft_64.pth does not exist" in err and "python trainer/train_full_sft.py" in err

@@ -46,7 +46,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a = p.add_argument
     a("--save_dir", default=str(REPO_ROOT / "out"), help="where weights go (adapters in its lora/ folder)")
     a("--save_weight", default=defaults.pop("save_weight"), help="output name prefix: {save_weight}_{hidden}.pth")
-    a("--data_path", default=str(defaults.pop("data_path")), help="jsonl training data")
+    data_path = defaults.pop("data_path")
+    a("--data_path", default=str(data_path) if data_path else None, help="jsonl training data")
     a("--epochs", type=int, default=1)
     a("--batch_size", type=int, default=16, help="per process, per micro-batch")
     a("--learning_rate", type=float, default=5e-4)
@@ -245,8 +246,10 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     bar = None
     if rt.is_main:
         from tqdm import tqdm
+        # A terminal gets a live bar; a log file gets one plain line per log interval instead.
         bar = tqdm(total=total_steps, initial=state.step, desc=args.save_weight, dynamic_ncols=True,
-                   mininterval=1.0, disable=None)
+                   mininterval=1.0, disable=not sys.stderr.isatty())
+    run_start, run_start_step = time.time(), state.step
 
     def save_all():
         path = save(model)
@@ -291,6 +294,10 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                     if bar is not None:
                         bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
                         bar.update(state.step - bar.n)
+                        if bar.disable:
+                            eta = (now - run_start) / (state.step - run_start_step) * (total_steps - state.step)
+                            print(f"{args.save_weight} step {state.step}/{total_steps} loss {mean_loss:.4f} "
+                                  f"lr {lr:.2e} {tok_s:,.0f} tokens/s eta {eta / 60:.1f} min", flush=True)
                     if wandb_run is not None:
                         wandb_run.log({"loss": mean_loss, "lr": lr, "tokens_per_sec": tok_s,
                                        "tokens_seen": state.tokens_seen}, step=state.step)
