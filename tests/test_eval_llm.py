@@ -1,0 +1,236 @@
+"""eval_llm.py on a tiny model: --prompt, scripted chat with live adapter swaps, --eval rows, --merge, bad input."""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_llm
+from dataset.lm_dataset import SFTDataset
+from model.checkpoint import load_model, save_model
+from model.model_lora import apply_lora, save_lora
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
+from model.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "hello"
+NEW = 8  # max_new_tokens everywhere: a reply is at most 8 tokens
+
+
+def tiny_model(seed, layers=2):
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=6400, hidden_size=64, num_hidden_layers=layers,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():  # at init a tied model just repeats its last token; larger layers give varied text
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(20)
+    return model.eval()
+
+
+def add_adapter(model, name, path):
+    apply_lora(model, rank=4, adapter_name=name)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora.{name}.B" in n:
+                p.normal_(std=0.5)  # B != 0, so the adapter changes the output
+    save_lora(model, path, name)
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    """out/full_sft_64.pth, out/lora/lora_a_64.pth, lora_b_64.pth, and lora_other_64.pth for a 3-layer base."""
+    out = tmp_path_factory.mktemp("eval") / "out"
+    model = tiny_model(0)
+    save_model(model, out / "full_sft_64.pth")
+    add_adapter(model, "lora_a", out / "lora" / "lora_a_64.pth")
+    add_adapter(model, "lora_b", out / "lora" / "lora_b_64.pth")
+    add_adapter(tiny_model(1, layers=3), "lora_other", out / "lora" / "lora_other_64.pth")
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer()
+
+
+def base_args(out, *extra):
+    return ["--save_dir", str(out), "--hidden_size", "64", "--temperature", "0", "--max_new_tokens", str(NEW),
+            *extra]
+
+
+def greedy_base_reply(out, tok, prompt=PROMPT):
+    """The reference: the plain base model, generated directly."""
+    model = load_model(out / "full_sft_64.pth").eval()
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)])
+    new = model.generate(ids, NEW, temperature=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    return tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
+                      skip_special_tokens=True)
+
+
+def test_cli_prompt_answers_and_exits(out, tok, tmp_path):
+    # The real CLI from another directory, the save dir relative to it.
+    proc = subprocess.run([sys.executable, str(REPO / "eval_llm.py"), *base_args("out"), "--prompt", PROMPT],
+                          cwd=out.parent, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    reply = greedy_base_reply(out, tok)
+    assert reply.strip()
+    assert proc.stdout == f"> {PROMPT}\n{reply}\n"
+
+
+def test_chat_swaps_adapters_on_one_base(out, tok, monkeypatch, capsys):
+    counts = {"base": 0, "adapter_files": []}
+    real_load_model, real_load_lora, real_answer = eval_llm.load_model, eval_llm.load_lora, eval_llm.answer
+
+    def counting_load_model(*a, **kw):
+        counts["base"] += 1
+        return real_load_model(*a, **kw)
+
+    def counting_load_lora(model, path, *a, **kw):
+        counts["adapter_files"].append(Path(path).name)
+        return real_load_lora(model, path, *a, **kw)
+
+    replies = []
+
+    def recording_answer(model, tok, messages, args):
+        reply = real_answer(model, tok, messages, args)
+        replies.append((eval_llm.active_adapter(model), len(messages), reply))
+        return reply
+
+    monkeypatch.setattr(eval_llm, "load_model", counting_load_model)
+    monkeypatch.setattr(eval_llm, "load_lora", counting_load_lora)
+    monkeypatch.setattr(eval_llm, "answer", recording_answer)
+    script = f"/adapter lora_a\n{PROMPT}\n/adapter lora_b\n{PROMPT}\n/adapter none\n{PROMPT}\n/adapters\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert eval_llm.main(base_args(out, "--lora_weight", "lora_a,lora_b")) == 0
+    stdout = capsys.readouterr().out
+
+    assert counts == {"base": 1, "adapter_files": ["lora_a_64.pth", "lora_b_64.pth"]}
+    assert [(a, n) for a, n, _ in replies] == [("lora_a", 1), ("lora_b", 1), (None, 1)]
+    texts = [r for _, _, r in replies]
+    assert len(set(texts)) == 3, texts          # each adapter changes the greedy reply
+    assert texts[2] == greedy_base_reply(out, tok)  # "none" is exactly the base
+    assert "[adapter lora_b]" in stdout and "adapters: *none, lora_a, lora_b" in stdout
+    assert all(t in stdout for t in texts)      # what was streamed is the reply
+
+
+def test_chat_history_turns_and_clear(out, monkeypatch, capsys):
+    seen = []
+    real_answer = eval_llm.answer
+    monkeypatch.setattr(eval_llm, "answer", lambda m, t, messages, a: seen.append(messages) or real_answer(m, t, messages, a))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("one\ntwo\nthree\n/clear\nfour\n/exit\nnever\n"))
+    assert eval_llm.main(base_args(out, "--history_turns", "1", "--system", "be brief")) == 0
+    assert [[m["role"] for m in msgs] for msgs in seen] == [
+        ["system", "user"], ["system", "user", "assistant", "user"], ["system", "user", "assistant", "user"],
+        ["system", "user"]]
+    assert seen[2][1]["content"] == "two"  # only the last exchange is kept
+
+
+def test_eval_json_rows_and_match_rate(out, tok, tmp_path, capsys):
+    reply = greedy_base_reply(out, tok)
+    fragment = reply.strip()[:2].swapcase()  # the base reply contains it, ignoring case
+    conv = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "I am a tiny model."}]
+    chat_file, text_file, json_out = tmp_path / "chat.jsonl", tmp_path / "text.jsonl", tmp_path / "rows.json"
+    chat_file.write_text("\n".join(json.dumps(r) for r in [
+        {"conversations": conv, "expect": ["x" * 300, fragment]},  # matches under the base
+        {"conversations": conv, "expect": ["x" * 300]},             # longer than any 8-token reply: never
+        {"conversations": conv},                                   # no expect: counts for ppl only
+    ]) + "\n")
+    text_file.write_text('{"text": "Paris is the capital of France."}\n\n{"text": "1 + 1 = 2"}\n')
+    argv = base_args(out, "--lora_weight", "lora_a,lora_b", "--eval", f"{chat_file},{text_file}", "--json",
+                     "--json_out", str(json_out))
+    assert eval_llm.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+
+    assert rows == json.loads(json_out.read_text())
+    assert [(r["file"], r["setting"]) for r in rows] == [
+        (str(f), s) for f in (chat_file, text_file) for s in ("none", "lora_a", "lora_b")]
+    for r in rows:
+        assert set(r) == {"setting", "file", "n", "match_rate", "ppl"}
+        assert isinstance(r["n"], int) and isinstance(r["ppl"], float) and r["ppl"] > 1
+    assert [r["n"] for r in rows] == [3] * 3 + [2] * 3
+    assert rows[0]["match_rate"] == 0.5  # 1 of the 2 samples with expect strings
+    assert all(r["match_rate"] in (0.0, 0.5) for r in rows[:3])
+    assert all(r["match_rate"] is None for r in rows[3:])
+
+    # ppl = exp(mean loss over the reference assistant tokens), computed here by hand for the base.
+    model = load_model(out / "full_sft_64.pth").eval()
+    ids, labels = SFTDataset(chat_file, tok)[0]
+    with torch.no_grad():
+        logits = model(ids[None]).logits[0, :-1]
+    keep = labels[1:] != -100
+    loss = torch.nn.functional.cross_entropy(logits[keep], labels[1:][keep])
+    assert rows[0]["ppl"] == pytest.approx(math.exp(loss.item()), rel=1e-4)
+    assert rows[1]["ppl"] != pytest.approx(rows[0]["ppl"], rel=1e-3)  # the adapter is on
+
+
+def test_merge_gives_the_unmerged_answers(out, tmp_path, capsys):
+    def run(*extra):
+        assert eval_llm.main(base_args(out, *extra)) == 0
+        return capsys.readouterr().out
+
+    base, adapted = run("--prompt", PROMPT), run("--prompt", PROMPT, "--lora_weight", "lora_a")
+    assert run("--prompt", PROMPT, "--lora_weight", "lora_a", "--merge") == adapted
+    assert adapted.split("] ", 1)[1] != base.split("\n", 1)[1]
+    # Eval under --merge swaps by unmerging: every setting scores as without --merge.
+    data = tmp_path / "text.jsonl"
+    data.write_text('{"text": "Paris is the capital of France."}\n')
+    rows = [json.loads(run("--lora_weight", "lora_a,lora_b", "--eval", str(data), "--json", *m)) for m in ([], ["--merge"])]
+    assert [r["ppl"] for r in rows[1]] == pytest.approx([r["ppl"] for r in rows[0]], rel=1e-4)
+
+
+def test_stream_reply_never_shows_half_characters(tok):
+    text = "🤖龘 ok"
+    ids = tok.encode(text)
+    assert any(tok.decode(ids[:k]).endswith("\ufffd") for k in range(1, len(ids)))  # the case being tested
+    pieces = []
+    assert eval_llm.stream_reply(tok, iter(ids), pieces.append) == text
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+
+
+def bad_input(argv, capsys, *expected):
+    assert eval_llm.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def test_unknown_adapter_lists_existing_ones(out, capsys):
+    bad_input(base_args(out, "--lora_weight", "lora_a,lora_zz"), capsys,
+              "'lora_zz'", "lora_a, lora_b, lora_other", "python trainer/train_lora.py --lora_name lora_zz")
+
+
+def test_adapter_for_another_base(out, capsys):
+    bad_input(base_args(out, "--lora_weight", "lora_other"), capsys, "lora_other_64.pth", "another base")
+
+
+def test_missing_weight_names_the_command(out, tmp_path, capsys):
+    bad_input(base_args(out, "--weight", "pretrain"), capsys, "pretrain_64.pth", "python trainer/train_pretrain.py")
+    bad_input(base_args(tmp_path), capsys, "full_sft_64.pth", "python trainer/train_full_sft.py")
+    bad_input(base_args(out) + ["--hidden_size", "128"], capsys, "full_sft_128.pth", "full_sft_64.pth")
+    bad_input(base_args(out, "--weight", str(tmp_path / "nope.pth")), capsys, "nope.pth: no such file")
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("", "no usable rows"),
+    ("\n  \n", "no usable rows"),
+    ('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+     '{"conversations": [{"role": "user", "content": "hi"}\n', ":2: not valid JSON"),
+    ('{"conversations": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], '
+     '"expect": "yo"}\n', ':1: "expect" must be a list'),
+    ('{"text": "fine"}\n{"txt": "typo"}\n', ':2: missing "text"'),
+])
+def test_bad_eval_file_names_file_and_line(out, tmp_path, capsys, content, expected):
+    data = tmp_path / "eval.jsonl"
+    data.write_text(content)
+    bad_input(base_args(out, "--eval", str(data)), capsys, str(data), expected)
