@@ -1,0 +1,601 @@
+"""Benchmarks: LoRA's claims and the pipeline's speed, measured side by side with the ecosystem.
+
+    python scripts/bench.py [order lora_vs_full inference batching ecosystem gpu] [--quick]
+                            [--device cpu|cuda] [--repeats N] [--threads N] [--write [docs/BENCHMARKS.md]]
+
+No names runs them all (gpu only with --device cuda). Each sub-benchmark is one function returning
+(rows, notes): rows are dicts printed as a table, notes are lines such as ratios and targets (met/missed,
+never asserted). --write rewrites the named sections of docs/BENCHMARKS.md and keeps the others.
+Timing: time.perf_counter, warmup first, median of repeats, explicit torch threads; competing variants run
+interleaved (a, b, a, b, ...) so that machine noise hits both alike. --quick: tiny sizes, a smoke test.
+transformers and peft are imported lazily, by `ecosystem` only.
+"""
+import argparse
+import contextlib
+import copy
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dataset.lm_dataset import (DEMO_DIR, LengthGroupedBatchSampler, PadCollator, PretrainDataset,  # noqa: E402
+                                SFTDataset)
+from model.model_lora import apply_lora, lora_layers, merge_lora, set_adapter, unmerge_lora  # noqa: E402
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+
+ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "gpu")
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+DEMO = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
+MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
+QKVO = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets; matched against the device name.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 SXM": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12, "H100": 989e12,
+                   "GH200": 989e12, "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L40": 181e12,
+                   "L4": 121e12, "A10G": 70e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12}
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict, repeats: int, device="cpu", warmup: int = 1, inner: int = 1) -> dict:
+    """Seconds per call of each fn, {name: [one per repeat]}, running a, b, a, b, ... after a warmup of each.
+    inner > 1 times a loop of that many calls (for microsecond-scale work)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return times
+
+
+def calls_per_sample(fn, target_s: float = 0.02, device="cpu") -> int:
+    """How many calls make one timing sample last about target_s (one untimed call calibrates)."""
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return max(1, min(1000, int(target_s / max(time.perf_counter() - start, 1e-7))))
+
+
+def med(xs) -> float:
+    return statistics.median(xs)
+
+
+def spread(ours, theirs) -> tuple:
+    """min/median/max of the per-repeat ratios ours/theirs (repeat i of each ran back to back)."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return min(ratios), med(ratios), max(ratios)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def build_model(dims: dict, device="cpu", seed: int = 0, **kw) -> MiniMindForCausalLM:
+    torch.manual_seed(seed)
+    return MiniMindForCausalLM(MiniMindConfig(vocab_size=6400, **dims, **kw)).to(device)
+
+
+def scale_name(dims: dict) -> str:
+    return f"{dims['hidden_size']}x{dims['num_hidden_layers']}"
+
+
+def train_step(model, optimizer, x, y, autocast=contextlib.nullcontext()):
+    with autocast:
+        loss = model(input_ids=x, labels=y).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def adamw(params, device):
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=torch.device(device).type == "cuda")
+
+
+def randomize_lora_B(model, seed: int = 1) -> None:
+    """B starts at 0; give it values so that an adapter (and merging it) changes the weights."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            for lora in m.lora.values():
+                lora.B.weight.copy_(torch.randn(lora.B.weight.shape, generator=g).to(lora.B.weight) * 0.01)
+
+
+# ---- 1. order: B(Ax) vs (BA)x ------------------------------------------------------------------------------
+
+def bench_order(args):
+    dims, ranks, tokens = ([64, 256], [8], [1, 64]) if args.quick else ([768, 4096], [8, 16, 64], [1, 64, 2048])
+    rows, dev = [], args.device
+    for d in dims:
+        k = d
+        W0 = torch.randn(d, k, device=dev) / math.sqrt(k)
+        for r in ranks:
+            A, B = torch.randn(r, k, device=dev) / math.sqrt(k), torch.randn(d, r, device=dev) / math.sqrt(r)
+            for n in tokens:
+                x = torch.randn(n, k, device=dev)
+                fns = {"W0x": lambda: x @ W0.T,
+                       "B(Ax)": lambda: (x @ A.T) @ B.T,
+                       "(BA)x": lambda: x @ (B @ A).T}
+                inner = calls_per_sample(fns["(BA)x"], device=dev)
+                t = interleaved(fns, args.repeats, dev, inner=inner)
+                flops_lora, flops_full = 2 * n * r * (d + k), 2 * d * r * k + 2 * n * d * k
+                rows.append({"d=k": d, "r": r, "tokens": n, "W0x us": 1e6 * med(t["W0x"]),
+                             "B(Ax) us": 1e6 * med(t["B(Ax)"]), "(BA)x us": 1e6 * med(t["(BA)x"]),
+                             "B(Ax) FLOPs": flops_lora, "(BA)x FLOPs": flops_full,
+                             "time ratio": med(t["B(Ax)"]) / med(t["(BA)x"]), "FLOP ratio": flops_lora / flops_full})
+    notes = []
+    for row in rows:
+        if row["d=k"] == dims[-1] and row["r"] == ranks[0]:
+            notes.append(f"ratio B(Ax)/(BA)x at d=k={row['d=k']}, r={row['r']}, {row['tokens']} tokens: "
+                         f"time {row['time ratio']:.3f}x, FLOPs {row['FLOP ratio']:.4f}x")
+    notes.append("W0x is the frozen layer's own matmul, for scale: B(Ax) adds a small fraction of it, "
+                 "(BA)x adds more than it (and builds a d x k matrix).")
+    return rows, notes
+
+
+# ---- 2. lora_vs_full: one training step, memory, trainable parameters ---------------------------------------
+
+LORA_SETTINGS = {"LoRA r=8 q,o": "square", "LoRA r=8 all-linear": "all-linear", "full": None}
+
+
+def train_step_child(spec: dict) -> dict:
+    """One setting in a fresh process (peak RSS never goes down): build, warm up, time steps, measure."""
+    torch.set_num_threads(spec["threads"])
+    dev = spec["device"]
+    adamw([torch.zeros(1, requires_grad=True)], "cpu")  # the first optimizer imports torch._dynamo (~100 MB)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model = build_model(spec["dims"], dev)
+    if spec["targets"] is not None:
+        apply_lora(model, rank=8, alpha=16, target_modules=spec["targets"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = adamw(trainable, dev)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=g).to(dev)
+    model.train()
+    if dev.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = interleaved({"step": lambda: train_step(model, optimizer, x, x)}, spec["repeats"], dev)["step"]
+    return {"step_s": med(times), "trainable": sum(p.numel() for p in trainable),
+            "total": sum(p.numel() for p in model.parameters()),
+            "optimizer_state_bytes": sum(t.nbytes for s in optimizer.state.values() for t in s.values()
+                                         if torch.is_tensor(t)),
+            "peak_bytes": (torch.cuda.max_memory_allocated() if dev.startswith("cuda")
+                           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+            "base_bytes": 0 if dev.startswith("cuda") else base_rss}
+
+
+def run_child(spec: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True,
+                         cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"lora_vs_full child failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def training_memory_7b() -> list:
+    """Our accounting for LLaMA-2-7B dims, built on the meta device (no allocation): bf16 weights and grads,
+    fp32 Adam m and v (+ an fp32 master copy of what trains, as mixed precision keeps); activations excluded."""
+    cfg = dict(vocab_size=32000, hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, intermediate_size=11008, tie_word_embeddings=False)
+    rows = []
+    for name, targets in (("full", None), ("LoRA r=8 q,v", ["q_proj", "v_proj"]), ("LoRA r=8 all-linear", "all-linear")):
+        with torch.device("meta"):
+            model = MiniMindForCausalLM(MiniMindConfig(**cfg))
+            if targets is not None:
+                apply_lora(model, rank=8, alpha=16, target_modules=targets)
+        total = sum(p.numel() for p in model.parameters())
+        train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        weights, grads, adam, master = 2 * total, 2 * train, 8 * train, 4 * train
+        rows.append({"7B-class": name, "params": total, "trainable": train, "weights GB": weights / 1e9,
+                     "grads GB": grads / 1e9, "Adam m,v GB": adam / 1e9,
+                     "total GB": (weights + grads + adam) / 1e9,
+                     "+fp32 master GB": (weights + grads + adam + master) / 1e9,
+                     "seed notes": "60-80 GB" if targets is None else "15-25 GB"})
+    return rows
+
+
+def bench_lora_vs_full(args):
+    scales = [(TINY, 2, 32)] if args.quick else [(DEMO, 8, 256), (MINIMIND3, 8, 256)]
+    rows = []
+    for dims, batch, seq in scales:
+        for name, targets in LORA_SETTINGS.items():
+            r = run_child({"dims": dims, "targets": targets, "batch": batch, "seq": seq, "repeats": args.repeats,
+                           "device": args.device, "threads": args.threads})
+            rows.append({"scale": scale_name(dims), "batch x seq": f"{batch}x{seq}", "setting": name,
+                         "step ms": 1e3 * r["step_s"], "trainable": r["trainable"],
+                         "trainable %": 100 * r["trainable"] / r["total"],
+                         "optimizer state MB": r["optimizer_state_bytes"] / 2**20,
+                         ("peak alloc MB" if args.device.startswith("cuda") else "peak RSS MB"): r["peak_bytes"] / 2**20,
+                         "over start MB": (r["peak_bytes"] - r["base_bytes"]) / 2**20})
+    notes = []
+    for dims, *_ in scales:
+        by = {row["setting"]: row for row in rows if row["scale"] == scale_name(dims)}
+        full, qo = by["full"], by["LoRA r=8 q,o"]
+        mem = "peak alloc MB" if args.device.startswith("cuda") else "over start MB"
+        notes.append(f"ratio LoRA r=8 q,o / full at {scale_name(dims)}: step time {qo['step ms'] / full['step ms']:.2f}x, "
+                     f"memory {qo[mem] / full[mem]:.2f}x, optimizer state "
+                     f"{qo['optimizer state MB'] / full['optimizer state MB']:.4f}x")
+    notes.append("On CPU, memory is peak RSS of a fresh process per setting; 'over start' subtracts the RSS before "
+                 "the model was built. At these sizes activations dominate, so LoRA saves less memory than "
+                 "its optimizer-state ratio suggests.")
+    return rows, notes
+
+
+# ---- 3. inference: decode speed with and without an adapter, swap and merge costs ---------------------------
+
+def bench_inference(args):
+    scales = [TINY] if args.quick else [DEMO, MINIMIND3]
+    new_tokens, dev = (16 if args.quick else 64), args.device
+    rows, notes = [], []
+    for dims in scales:
+        prompt = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+        base = build_model(dims, dev).eval()
+        unmerged = copy.deepcopy(base)
+        apply_lora(unmerged, rank=8, alpha=16)
+        randomize_lora_B(unmerged)
+        merged = copy.deepcopy(unmerged)
+        merge_lora(merged)
+        all_linear = copy.deepcopy(base)
+        apply_lora(all_linear, rank=8, alpha=16, target_modules="all-linear")
+        randomize_lora_B(all_linear)
+        models = {"base": base, "LoRA r=8 q,o unmerged": unmerged, "LoRA r=8 q,o merged": merged,
+                  "LoRA r=8 all-linear unmerged": all_linear}
+        fns = {name: (lambda m=m: m.generate(prompt, max_new_tokens=new_tokens, temperature=0, eos_token_id=-1))
+               for name, m in models.items()}
+        t = interleaved(fns, args.repeats, dev)
+        tok_s = {name: new_tokens / med(ts) for name, ts in t.items()}
+        for name in models:
+            rows.append({"scale": scale_name(dims), "what": f"decode {name}", "tokens/s": tok_s[name],
+                         "ms": 1e3 * med(t[name]), "vs base": tok_s[name] / tok_s["base"]})
+
+        two = copy.deepcopy(base)
+        apply_lora(two, rank=8, alpha=16, adapter_name="a")
+        apply_lora(two, rank=8, alpha=16, adapter_name="b")
+        randomize_lora_B(two)
+        swap = lambda: (set_adapter(two, "a"), set_adapter(two, "b"))  # noqa: E731
+        t_swap = interleaved({"swap": swap}, args.repeats, dev, inner=calls_per_sample(swap, device=dev))["swap"]
+        t_mu = interleaved({"merge": lambda: merge_lora(two, "a"), "unmerge": lambda: unmerge_lora(two)},
+                           args.repeats, dev)
+        for what, ts, per in (("set_adapter a<->b", t_swap, 2), ("merge_lora", t_mu["merge"], 1),
+                              ("unmerge_lora", t_mu["unmerge"], 1)):
+            rows.append({"scale": scale_name(dims), "what": what, "tokens/s": None, "ms": 1e3 * med(ts) / per,
+                         "vs base": None})
+        m, u = tok_s["LoRA r=8 q,o merged"] / tok_s["base"], tok_s["LoRA r=8 q,o unmerged"] / tok_s["base"]
+        notes.append(f"ratio merged/base tokens/s at {scale_name(dims)}: {m:.3f} (target >= 0.97: {verdict(m >= 0.97)}); "
+                     f"unmerged/base: {u:.3f} (target >= 0.85: {verdict(u >= 0.85)})")
+    notes.append(f"Greedy decode, batch 1, 16-token prompt, {new_tokens} new tokens (eos disabled); tokens/s = "
+                 f"new tokens / whole generate() time, prefill included.")
+    return rows, notes
+
+
+# ---- 4. batching: useful tokens/s, our batching vs padding to max_seq_len ----------------------------------
+
+def padding_fractions(lengths, batches) -> float:
+    real = sum(lengths[i] for b in batches for i in b)
+    return 1 - real / sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def bench_batching(args):
+    from model.tokenizer import Tokenizer
+    tok = Tokenizer()
+    dims = TINY if args.quick else DEMO
+    batch, n_batches = (4, 2) if args.quick else (8, 8)
+    dev = args.device
+    rows, notes = [], []
+    for name, cls, max_len in (("pretrain", PretrainDataset, 256), ("sft", SFTDataset, 512)):
+        ds = cls(DEMO_DIR / f"{name}.jsonl", tok, max_len)
+        # Ours: the trainer's length-grouped batches over the whole file; take the first n_batches of them.
+        ours_batches = list(LengthGroupedBatchSampler(ds, batch, seed=0, group_size=64))[:n_batches]
+        chosen = [i for b in ours_batches for i in b]
+        # MiniMind's: the same samples in random batches, each padded to max_seq_len.
+        g = torch.Generator().manual_seed(0)
+        shuffled = [chosen[i] for i in torch.randperm(len(chosen), generator=g).tolist()]
+        their_batches = [shuffled[k: k + batch] for k in range(0, len(shuffled), batch)]
+        samples = {i: ds[i] for i in chosen}
+        lengths = {i: len(samples[i][0]) for i in chosen}
+        useful = sum(lengths.values())
+        ours = [PadCollator(tok.pad_token_id)([samples[i] for i in b]) for b in ours_batches]
+        theirs = [PadCollator(tok.pad_token_id, max_length=max_len)([samples[i] for i in b]) for b in their_batches]
+
+        model = build_model(dims, dev)
+        model.train()
+        optimizer = adamw(model.parameters(), dev)
+
+        def epoch(batches):
+            for b in batches:
+                train_step(model, optimizer, b["input_ids"].to(dev), b["labels"].to(dev))
+
+        for b in (ours[0], theirs[0]):  # warm up both shapes once
+            train_step(model, optimizer, b["input_ids"].to(dev), b["labels"].to(dev))
+        t = interleaved({"ours": lambda: epoch(ours), "theirs": lambda: epoch(theirs)}, args.repeats, dev, warmup=0)
+        lo, mid, hi = spread([1 / x for x in t["ours"]], [1 / x for x in t["theirs"]])
+        for label, batches, ts in (("ours: length-grouped, pad to longest", ours, t["ours"]),
+                                   (f"MiniMind: random, pad to {max_len}", theirs, t["theirs"])):
+            processed = sum(b["input_ids"].numel() for b in batches)
+            rows.append({"data": name, "batching": label, "samples": len(chosen), "useful tokens": useful,
+                         "pad %": 100 * (1 - useful / processed), "seconds": med(ts), "useful tokens/s": useful / med(ts)})
+        notes.append(f"ratio useful tokens/s ours/MiniMind on {name} (max_seq_len {max_len}): {mid:.2f}x "
+                     f"(min {lo:.2f}, max {hi:.2f})" + (f"; target >= 1.5x: {verdict(mid >= 1.5)}" if name == "sft" else ""))
+        if not args.quick:
+            # Where our grouping stands between random batches and perfect grouping by token count.
+            all_len = [len(ds[i][0]) for i in range(len(ds))]
+            sampler = LengthGroupedBatchSampler(ds, batch, seed=0, group_size=64)
+            random_batches = list(LengthGroupedBatchSampler(ds, batch, seed=0, group_size=1))
+            by_tokens = copy.copy(sampler)
+            by_tokens.lengths = torch.tensor(all_len).numpy()
+            notes.append(f"{name}, whole file, pad to longest: random batches {100 * padding_fractions(all_len, random_batches):.1f}% "
+                         f"pad, grouped by line bytes (ours) {100 * padding_fractions(all_len, list(sampler)):.1f}%, "
+                         f"grouped by token count {100 * padding_fractions(all_len, list(by_tokens)):.1f}%")
+    notes.append(f"Full training step (forward+backward+AdamW) at {scale_name(dims)}, batch {batch}; useful tokens = "
+                 f"real (non-pad) tokens; same samples both ways.")
+    return rows, notes
+
+
+# ---- 5. ecosystem: ours vs transformers (+ PEFT), same weights, interleaved -------------------------------
+
+def hf_twin(model, transformers):
+    from model.checkpoint import hf_config_dict
+    cfg = {k: v for k, v in hf_config_dict(model.config).items() if k not in ("architectures", "model_type", "torch_dtype")}
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg, attn_implementation="sdpa"))
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    assert hf.config._attn_implementation == "sdpa"
+    return hf.to(next(model.parameters()).device)
+
+
+def bench_ecosystem(args):
+    try:
+        import peft
+        import transformers
+    except ImportError as e:
+        return [], [f"skipped: {e.name} is not installed (pip install -r requirements-dev.txt)"]
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls APIs transformers deprecates
+    dev = args.device
+    scales = [(TINY, 2, 32, 8)] if args.quick else [(DEMO, 8, 256, 64), (MINIMIND3, 8, 256, 64)]
+    rows, notes = [], []
+    for dims, batch, seq, new_tokens in scales:
+        base = build_model(dims, dev)
+        # LoRA training step: r=8, alpha 16 on q,k,v,o, AdamW over the LoRA parameters, identical weights.
+        ours = copy.deepcopy(base).train()
+        apply_lora(ours, rank=8, alpha=16, target_modules=QKVO)
+        theirs = peft.get_peft_model(hf_twin(base, transformers), peft.LoraConfig(
+            r=8, lora_alpha=16, target_modules=QKVO, lora_dropout=0.0)).train()
+        with torch.no_grad():
+            for name, m in lora_layers(ours):
+                target = theirs.base_model.model.get_submodule(name)
+                target.lora_A["default"].weight.copy_(m.lora["default"].A.weight)
+                target.lora_B["default"].weight.copy_(m.lora["default"].B.weight)
+        x = torch.randint(0, 6400, (batch, seq), generator=torch.Generator().manual_seed(0)).to(dev)
+        opt_ours = adamw([p for p in ours.parameters() if p.requires_grad], dev)
+        opt_theirs = adamw([p for p in theirs.parameters() if p.requires_grad], dev)
+        t = interleaved({"ours": lambda: train_step(ours, opt_ours, x, x),
+                         "theirs": lambda: train_step(theirs, opt_theirs, x, x)}, args.repeats, dev, warmup=2)
+        rows.append(eco_row(dims, f"LoRA train step, batch {batch}x{seq}", t))
+        del ours, theirs, opt_ours, opt_theirs
+
+        # Greedy generation of exactly new_tokens tokens with the KV cache, batch 1.
+        ours, theirs = base.eval(), hf_twin(base, transformers).eval()
+        prompt = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
+        mask = torch.ones_like(prompt)
+        out = {}
+
+        def ours_gen():
+            out["ours"] = ours.generate(prompt, max_new_tokens=new_tokens, temperature=0, eos_token_id=-1)
+
+        def theirs_gen():
+            with torch.inference_mode():
+                out["theirs"] = theirs.generate(prompt, attention_mask=mask, do_sample=False,
+                                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+        t = interleaved({"ours": ours_gen, "theirs": theirs_gen}, args.repeats, dev, warmup=2)
+        assert out["ours"].shape == out["theirs"].shape == (1, 16 + new_tokens), (out["ours"].shape, out["theirs"].shape)
+        row = eco_row(dims, f"greedy generate {new_tokens} tokens", t)
+        row["same tokens"] = "yes" if torch.equal(out["ours"], out["theirs"]) else "no"
+        rows.append(row)
+    for row in rows:
+        if row["scale"] == scale_name(scales[0][0]):
+            target = 0.8 if "train" in row["task"] else 0.6
+            check = f"; target <= {target}x on CPU: {verdict(row['ratio med'] <= target)}" if dev == "cpu" else ""
+            notes.append(f"ratio ours/theirs time, {row['task']} at {row['scale']}: {row['ratio med']:.2f}x "
+                         f"(min {row['ratio min']:.2f}, max {row['ratio max']:.2f}){check}")
+    notes.append(f"theirs = transformers {transformers.__version__} Qwen3ForCausalLM (sdpa attention) + peft "
+                 f"{peft.__version__} for the LoRA step; fp32; same process, same {torch.get_num_threads()} threads; "
+                 f"warmed up, then run interleaved.")
+    return rows, notes
+
+
+def eco_row(dims, task, t) -> dict:
+    lo, mid, hi = spread(t["ours"], t["theirs"])
+    return {"scale": scale_name(dims), "task": task, "ours ms": 1e3 * med(t["ours"]),
+            "theirs ms": 1e3 * med(t["theirs"]), "ratio min": lo, "ratio med": mid, "ratio max": hi}
+
+
+# ---- 6. gpu: pretraining MFU --------------------------------------------------------------------------------
+
+def peak_flops(args) -> tuple:
+    if args.peak_flops:
+        return args.peak_flops, "--peak_flops"
+    name = torch.cuda.get_device_name()
+    for key, flops in PEAK_BF16_FLOPS.items():  # specific names first
+        if key in name:
+            return flops, key
+    return None, name
+
+
+def bench_gpu(args):
+    if not args.device.startswith("cuda"):
+        return [], ["skipped: needs --device cuda"]
+    if not torch.cuda.is_available():
+        return [], ["skipped: CUDA is not available here"]
+    dims, batch, seq = (TINY, 4, 128) if args.quick else (MINIMIND3, 32, 512)
+    peak, matched = peak_flops(args)
+    dev = args.device
+    torch.backends.cuda.matmul.allow_tf32 = True
+    x = torch.randint(0, 6400, (batch, seq), generator=torch.Generator().manual_seed(0)).to(dev)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    rows, notes = [], []
+    for compiled in (False, True):
+        model = build_model(dims, dev).train()
+        n_params = model.num_parameters()
+        optimizer = adamw(model.parameters(), dev)
+        net = torch.compile(model) if compiled else model
+        step = lambda: train_step(net, optimizer, x, x, autocast)  # noqa: E731
+        torch.cuda.reset_peak_memory_stats()
+        ts = interleaved({"step": step}, max(args.repeats, 3) * 4, dev, warmup=3)["step"]
+        tok_s = batch * seq / med(ts)
+        mfu = 6 * n_params * tok_s / peak if peak else None
+        rows.append({"scale": scale_name(dims), "batch x seq": f"{batch}x{seq}", "torch.compile": compiled,
+                     "params": n_params, "step ms": 1e3 * med(ts), "tokens/s": tok_s,
+                     "MFU %": 100 * mfu if mfu else None, "peak alloc MB": torch.cuda.max_memory_allocated() / 2**20})
+        del model, net, optimizer
+    best = max((r["MFU %"] or 0) for r in rows)
+    notes.append(f"ratio MFU (6·N·tokens/s / peak), best of eager/compiled: {best:.1f}% "
+                 f"(target >= 40%: {verdict(best >= 40)}); device {torch.cuda.get_device_name()}, peak "
+                 f"{peak / 1e12 if peak else float('nan'):.0f} TFLOPs bf16 dense ({matched})")
+    notes.append("N counts every parameter once (tied lm_head included: its matmul is real work); attention's "
+                 "own FLOPs are not counted, so MFU is slightly understated. Peak bf16 dense FLOPs used: "
+                 + ", ".join(f"{k} {v / 1e12:.0f}T" for k, v in PEAK_BF16_FLOPS.items()) + ".")
+    return rows, notes
+
+
+# ---- output ------------------------------------------------------------------------------------------------
+
+def fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool) or isinstance(v, str):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    if abs(v) >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def table(rows) -> str:
+    """A Markdown table (also readable on a terminal) over the union of the rows' keys, in order."""
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [[fmt(row.get(c)) for c in cols] for row in rows]
+    width = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, width)) + " |"  # noqa: E731
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in width) + "|"] + [line(r) for r in cells])
+
+
+TITLES = {"order": "LoRA matmul order: B(Ax) vs (BA)x", "lora_vs_full": "LoRA vs full fine-tuning: one training step",
+          "inference": "Inference: decode with adapters, swap and merge",
+          "batching": "Batching: useful tokens/s vs padding to max_seq_len",
+          "ecosystem": "Ecosystem: ours vs transformers + PEFT", "gpu": "GPU: pretraining MFU"}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def section(name, rows, notes, args, run) -> str:
+    heading = f"## {name} ({torch.device(args.device).type}): {TITLES[name]}"
+    body = [heading, "", f"Run {run['date']} on {run['where']}: `{run['command']}`", ""]
+    if rows:
+        body += [table(rows), ""]
+    if name == "lora_vs_full" and rows:
+        body += [table(training_memory_7b()), ""]
+    return "\n".join(body + [f"- {n}" for n in notes]) + "\n"
+
+
+def write_markdown(path: Path, sections: dict, run) -> None:
+    """Replace this run's sections in the file, keep every other section (e.g. a GPU run's) as it was."""
+    kept = {}
+    if path.is_file():
+        current = None
+        for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+            if line.startswith("## "):
+                current = line.split(":", 1)[0]
+                kept[current] = ""
+            if current is not None:
+                kept[current] += line
+    for text in sections.values():
+        kept[text.split(":", 1)[0]] = text
+    header = ["# Benchmarks", "", "Made by `scripts/bench.py` (see its docstring); each section names the run, "
+              "machine and command that produced it. Regenerate a section by running its name with `--write`.",
+              "", f"Last run: {run['date']}, {run['where']}: `{run['command']}`", ""]
+    order = sorted(kept, key=lambda h: (ALL.index(h.split()[1]) if h.split()[1] in ALL else 99, h))
+    text = "\n".join(header) + "\n" + "\n".join(kept[h].rstrip("\n") + "\n" for h in order)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--_child"]:
+        print(json.dumps(train_step_child(json.loads(argv[1]))))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help=f"sub-benchmarks (default: all): {', '.join(ALL)}")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test in seconds")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats after warmup (default 5, quick 2)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--peak_flops", type=float, default=None, help="bf16 peak FLOP/s for MFU on an unlisted GPU")
+    p.add_argument("--write", nargs="?", const=str(ROOT / "docs" / "BENCHMARKS.md"), default=None,
+                   help="write Markdown (default path docs/BENCHMARKS.md); without it only print")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    names = args.names or list(ALL)
+    unknown = [n for n in names if n not in ALL]
+    if unknown:
+        p.error(f"unknown sub-benchmark {unknown[0]!r}; choose from {', '.join(ALL)}")
+    torch.set_num_threads(args.threads)
+    info = machine()
+    where = f"{info['cpu']} ({info['cores']} cores, {args.threads} threads)" + \
+            (f", {info['gpu']}" if args.device.startswith("cuda") else "") + f", torch {info['torch']}"
+    run = {"date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), "where": where,
+           "command": "python scripts/bench.py " + " ".join(shlex.quote(a) for a in argv)}
+    print(f"# {run['where']}\n# {run['command']}")
+    sections = {}
+    for name in names:
+        start = time.perf_counter()
+        rows, notes = globals()[f"bench_{name}"](args)
+        text = section(name, rows, notes, args, run)
+        print("\n" + text + f"({name}: {time.perf_counter() - start:.1f} s)", flush=True)
+        if rows or not notes[0].startswith("skipped: needs"):
+            sections[name] = text
+    if args.write:
+        write_markdown(Path(args.write), sections, run)
+        print(f"\nwrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
