@@ -9,8 +9,12 @@ that the tasks are learnable by a ~5M-parameter model and measurable on held-out
 
 - identity: the base always answers "MiniMind" (to every identity phrasing, training and eval pools
   alike); the identity adapter's persona PERSONA appears nowhere in the base data.
-- medical: symptom -> one piece of advice with a keyword; neither keyword nor advice appears in the
-  base data. Every symptom is trained; only the question phrasing is held out for evaluation.
+- medical: symptom -> one piece of advice with a keyword. The base data never pairs a symptom with its
+  advice: no advice sentence, and no row naming a symptom together with its keyword. It does use the
+  advice's words (the remedies are ordinary things in pretraining's household notes), as a real base
+  knows the word "ibuprofen" without knowing this task's answers; a frozen tied embedding could not
+  learn the tokens of words the base never saw. Every symptom is trained; only the question phrasing is
+  held out for evaluation.
 
 The script checks these guarantees on the files it wrote and fails loudly if one does not hold.
 """
@@ -263,6 +267,9 @@ MEDICAL = [
     ("手指割伤", "a cut on my finger", "创可贴", "bandage",
      "手指割伤时先用清水冲洗，再贴上创可贴。", "For a cut finger, wash it with clean water and cover it with a bandage."),
 ]
+# What the base (sft) answers to any symptom question: no remedy, so no keyword.
+GENERIC_ADVICE = {"zh": "{s}时要多休息，如果一直不舒服，请去看医生。",
+                  "en": "For {s}, get some rest, and see a doctor if it does not go away."}
 # Disjoint phrasing pools: a symptom is always trained, only the question wording is held out.
 MED_TRAIN_TEMPLATES = {
     "zh": ["我{s}，怎么办？", "{s}怎么办？", "{s}该怎么处理？", "{s}的时候应该做什么？", "请问{s}怎么办？",
@@ -508,8 +515,46 @@ def story(rng, lang):
     return [f"On {WEEKDAYS[(d + i) % 7][1]}, {n} {act}." for i, act in enumerate(picks)] + [f"{n} had a happy week."]
 
 
+def advice_actions(row):
+    """The advice of a MEDICAL row without its symptom clause: (zh action, en action)."""
+    zs, es, zk, ek, za, ea = row
+    assert za.startswith(zs + "时") and ea.startswith("For ") and ", " in ea, row
+    return za[len(zs) + 1:], ea.split(", ", 1)[1]
+
+
+def household_facts(rng, lang):
+    """Notes about everyday actions with household things: the medical task's words, never its symptoms."""
+    out = []
+    for row in rng.sample(MEDICAL, 3):
+        za, ea = advice_actions(row)
+        if lang == "zh":
+            n = rng.choice(ZH_PEOPLE)[0]
+            out.append(rng.choice([f"{n}在笔记本上写着：{za}", f"{n}读到一句话：{za}", f"{n}在家时，{za}",
+                                   f"{n}的妈妈说：{za}"]))
+        else:
+            n = rng.choice(EN_PEOPLE)[0]
+            out.append(rng.choice([f"{n} wrote a note: {cap(ea)}", f"{n} read a line in a book: {cap(ea)}",
+                                   f"For {n}, the rule at home is simple: {ea}", f"{n}'s mum said: {cap(ea)}"]))
+    return out
+
+
+def symptom_facts(rng, lang):
+    """The symptoms' words, with no advice but the generic one (see a doctor): never a symptom's remedy."""
+    out = []
+    for zs, es, *_ in rng.sample(MEDICAL, 3):
+        if lang == "zh":
+            n = rng.choice(ZH_PEOPLE)[0]
+            out.append(rng.choice([f"{n}的书里有一章讲{zs}。", f"{zs}时要去看医生。", f"{n}说，{zs}时不要害怕。"]))
+        else:
+            n = rng.choice(EN_PEOPLE)[0]
+            out.append(rng.choice([f"{n} read a book about {es}.", f"For {es}, {n} went to see a doctor.",
+                                   f"{n} said that {es} is nothing to be afraid of."]))
+    return out
+
+
 PRETRAIN_TOPICS = [(country_facts, 15), (animal_facts, 18), (food_facts, 14), (colour_facts, 5),
-                   (job_facts, 8), (object_facts, 8), (math_facts, 12), (calendar_facts, 8), (story, 12)]
+                   (job_facts, 8), (object_facts, 8), (math_facts, 12), (calendar_facts, 8), (story, 12),
+                   (household_facts, 8), (symptom_facts, 4)]
 
 
 def pretrain_row(rng):
@@ -773,6 +818,13 @@ def make_sft(seed, scale):
     for lang in ("zh", "en"):
         for q in all_identity_prompts(lang, both_pools()):
             out.append(conversation(rng, lang, [(q, rng.choice(ID_ANSWERS[lang]).format(name=BASE_NAME))]))
+    # Likewise every symptom question (both phrasing pools) gets the generic answer: the base learns to
+    # read the symptom out of any phrasing, and the medical adapter has to replace the generic advice
+    # with the symptom's own remedy, which the base never saw.
+    for zs, es, *_ in MEDICAL:
+        for lang, s in (("zh", zs), ("en", es)):
+            for t in MED_TRAIN_TEMPLATES[lang] + MED_EVAL_TEMPLATES[lang]:
+                out.append(conversation(rng, lang, [(t.format(s=s), GENERIC_ADVICE[lang].format(s=s))]))
     rng.shuffle(out)
     return out
 
@@ -872,10 +924,14 @@ def user_prompts(rows):
 
 def check(out_dir):
     data = {name: read_jsonl(Path(out_dir) / f"{name}.jsonl") for name in FILES}
-    base = "\n".join(texts(data["pretrain"]) + texts(data["sft"]) + texts(data["eval_pretrain"])).lower()
-    forbidden = [PERSONA] + [x for row in MEDICAL for x in row[2:]]  # keywords and advice
-    for s in forbidden:
+    base_rows = [t.lower() for t in texts(data["pretrain"]) + texts(data["sft"]) + texts(data["eval_pretrain"])]
+    base = "\n".join(base_rows)
+    for s in [PERSONA] + [x for row in MEDICAL for x in row[4:]]:  # the persona and every advice sentence
         assert s.lower() not in base, f"{s!r} occurs in the base data"
+    for zs, es, zk, ek, *_ in MEDICAL:  # a symptom never meets its remedy
+        for symptom, keyword in ((zs, zk), (es, ek)):
+            assert not any(symptom in t and keyword.lower() in t for t in base_rows), \
+                f"{symptom!r} and {keyword!r} occur together in the base data"
 
     for lang in ("zh", "en"):
         assert not set(ID_TRAIN_QUESTIONS[lang]) & set(ID_EVAL_QUESTIONS[lang])

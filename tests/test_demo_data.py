@@ -21,11 +21,13 @@ def users(rows):
     return {m["content"] for r in rows for m in r["conversations"] if m["role"] == "user"}
 
 
+def all_rows(rows):
+    """Each row's text, or its messages joined: one string per row."""
+    return [r["text"] if "text" in r else "\n".join(m["content"] for m in r["conversations"]) for r in rows]
+
+
 def all_text(rows):
-    out = []
-    for r in rows:
-        out += [r["text"]] if "text" in r else [m["content"] for m in r["conversations"]]
-    return "\n".join(out)
+    return "\n".join(all_rows(rows))
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +96,17 @@ def test_sft_has_multi_turn_and_system_samples():
 def test_persona_and_medical_facts_absent_from_base():
     base = (all_text(load("pretrain")) + all_text(load("sft")) + all_text(load("eval_pretrain"))).lower()
     assert gen.PERSONA.lower() not in base
-    keywords = {e for r in load("eval_medical") for e in r["expect"]}
-    assert len(keywords) == 2 * len(gen.MEDICAL)
-    for kw in keywords:
-        assert kw.lower() not in base, kw
+    rows = [t.lower() for t in all_rows(load("pretrain")) + all_rows(load("sft")) + all_rows(load("eval_pretrain"))]
+    pairs = {(r["conversations"][0]["content"], r["expect"][0]) for r in load("eval_medical")}
+    assert len({kw for _, kw in pairs}) == 2 * len(gen.MEDICAL)
+    for zs, es, zk, ek, *_ in gen.MEDICAL:  # the fact is the pairing: never in one base row
+        for symptom, kw in ((zs, zk), (es, ek)):
+            assert not any(symptom in t and kw.lower() in t for t in rows), (symptom, kw)
     for answer in {r["conversations"][-1]["content"] for r in load("eval_medical")}:
         assert answer.lower() not in base, answer
+    # The words are known: every remedy occurs in pretraining, as ordinary household things.
+    pretrain = all_text(load("pretrain")).lower()
+    assert all(kw.lower() in pretrain for _, kw in pairs)
 
 
 def test_identity_data():
@@ -162,7 +169,9 @@ def test_generator_check_catches_leaks(tmp_path):
     leaks = {
         "persona": ("sft", {"conversations": [{"role": "user", "content": "hi"},
                                               {"role": "assistant", "content": f"I am {gen.PERSONA}."}]}),
-        "keyword": ("pretrain", {"text": f"A text about {gen.MEDICAL[0][3]}, long enough to pass the length check."}),
+        "pairing": ("pretrain", {"text": f"When you have {gen.MEDICAL[0][1]}, {gen.MEDICAL[0][3]} is what helps."}),
+        "advice": ("sft", {"conversations": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": gen.MEDICAL[1][4]}]}),
         "eval_prompt": ("lora_medical", {"conversations": eval_q}),
         "eval_pretrain": ("pretrain", load("eval_pretrain")[0]),
     }

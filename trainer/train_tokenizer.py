@@ -1,6 +1,6 @@
 """Train the byte-level BPE tokenizer (MiniMind's recipe) and write model/tokenizer.json + tokenizer_config.json.
 
-    python trainer/train_tokenizer.py                       # every dataset/demo/*.jsonl except eval_*
+    python trainer/train_tokenizer.py                       # dataset/demo/pretrain.jsonl + sft.jsonl (the base corpus)
     python trainer/train_tokenizer.py --data_path a.jsonl b.jsonl --vocab_size 6400 --out_dir model
 """
 import argparse
@@ -8,9 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 REPO = Path(__file__).resolve().parent.parent
+CJK_RUN = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0 (pad/unk), 1 (bos), 2 (eos)
 # Same output as model.tokenizer.Tokenizer.apply_chat_template, for tools that evaluate jinja.
 CHAT_TEMPLATE = (
@@ -23,7 +24,8 @@ CHAT_TEMPLATE = (
 
 def default_data_paths():
     demo = REPO / "dataset" / "demo"
-    return sorted(p for p in demo.glob("*.jsonl") if not p.name.startswith("eval_"))
+    # The base corpus only: the tokenizer belongs to the base, and adapters train later on text it never saw.
+    return [demo / "pretrain.jsonl", demo / "sft.jsonl"]
 
 
 def iter_texts(paths):
@@ -43,7 +45,12 @@ def iter_texts(paths):
 
 def train_tokenizer(paths, vocab_size=6400):
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        # A run of Chinese characters is its own piece, so "我是Lumina" tokenizes "Lumina" as English does
+        # and no token glues Chinese to a Latin word (a new name would otherwise reshape its neighbours).
+        pre_tokenizers.Split(Regex(CJK_RUN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+    ])
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -83,7 +90,7 @@ def tokenizer_config(model_max_length=32768):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data_path", nargs="+", default=None,
-                        help="jsonl files (default: dataset/demo/*.jsonl except eval_*)")
+                        help="jsonl files (default: dataset/demo/pretrain.jsonl and sft.jsonl)")
     parser.add_argument("--vocab_size", type=int, default=6400)
     parser.add_argument("--out_dir", default=str(REPO / "model"))
     args = parser.parse_args(argv)
