@@ -1,11 +1,40 @@
 #!/usr/bin/env bash
-# The README's main command: set-up, then the pipeline on the bundled demo data.
+# The README's main command: set-up, then the whole pipeline on the bundled demo data, then the eval table.
+# Extra arguments go to every trainer (e.g. --device cuda:0); OUT=dir picks the output folder (default out/).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+START=$(date +%s)
 source "$ROOT/scripts/setup_env.sh" requirements.txt
 cd "$ROOT"
-python dataset/make_demo_data.py
-python trainer/train_tokenizer.py
-git diff --quiet -- model/tokenizer.json 2>/dev/null || echo "note: model/tokenizer.json changed; weights trained with the old one no longer match"
-python trainer/train_pretrain.py
-python trainer/train_full_sft.py
+OUT="${OUT:-$ROOT/out}"
+TIMES=""
+stage() {  # stage NAME COMMAND...: run it, remember its wall time
+  local name=$1 t0=$(date +%s)
+  shift
+  echo "== $name: $*"
+  "$@"
+  TIMES="$TIMES$(printf '%-16s %4ds' "$name" $(( $(date +%s) - t0 )))\n"
+}
+TIMES="$(printf '%-16s %4ds' set-up $(( $(date +%s) - START )))\n"
+stage data python dataset/make_demo_data.py
+stage tokenizer python trainer/train_tokenizer.py
+git diff --quiet -- model/tokenizer.json 2>/dev/null \
+  || echo "note: model/tokenizer.json changed; weights trained with the old one no longer match"
+stage pretrain python trainer/train_pretrain.py --save_dir "$OUT" "$@"
+stage full_sft python trainer/train_full_sft.py --save_dir "$OUT" "$@"
+stage lora_identity python trainer/train_lora.py --save_dir "$OUT" --lora_name lora_identity "$@"
+# New facts need the MLPs and more steps: on q_proj,o_proj (the default) the medical adapter stays under 10%.
+stage lora_medical python trainer/train_lora.py --save_dir "$OUT" --lora_name lora_medical \
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 1e-3 --epochs 16 "$@"
+EVAL="dataset/demo/eval_identity.jsonl,dataset/demo/eval_medical.jsonl,dataset/demo/eval_pretrain.jsonl"
+stage eval python eval_llm.py --save_dir "$OUT" --lora_weight lora_identity,lora_medical --eval "$EVAL" \
+  --json_out "$OUT/eval_demo.json"
+stage answers python eval_llm.py --save_dir "$OUT" --lora_weight lora_identity,lora_medical --all_settings \
+  --temperature 0 --max_new_tokens 40 --prompt "你到底是谁？" --prompt "Who am I talking to?" \
+  --prompt "最近老是头痛，有什么建议吗？" --prompt "Doctor, I have a sore throat. What should I pay attention to?"
+echo
+echo "stage wall times (this run):"
+printf "$TIMES"
+printf '%-16s %4ds\n' total $(( $(date +%s) - START ))
+echo "eval rows: $OUT/eval_demo.json; loss curves: $OUT/*_loss.png"
+echo "next: python eval_llm.py --lora_weight lora_identity,lora_medical   (chat; /adapter NAME swaps)"
