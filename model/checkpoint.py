@@ -22,6 +22,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used as asked; the message says what to do."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write_fn) -> None:
     """Write via write_fn(tmp_path), then rename: a kill mid-save leaves the old file intact."""
     path = Path(path)
@@ -32,6 +38,7 @@ def atomic_write(path, write_fn) -> None:
         write_fn(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

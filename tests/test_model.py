@@ -143,3 +143,14 @@ def test_qwen3_logits_match_hugging_face():
     x = torch.randint(0, 512, (2, 33))
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits, theirs(x).logits, atol=1e-4, rtol=0)
+
+
+def test_saved_files_get_the_umask_mode_and_no_temp_files(tmp_path, tiny_model):
+    import os
+    old = os.umask(0o022)
+    try:
+        path = save_model(tiny_model, tmp_path / "m_64.pth")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m_64.json", "m_64.pth"]
