@@ -29,7 +29,7 @@ if str(REPO_ROOT) not in sys.path:  # scripts run as `python trainer/train_x.py`
     sys.path.insert(0, str(REPO_ROOT))
 
 from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, safe_torch_load,  # noqa: E402
-                              unwrap)
+                              save_model, unwrap)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from dataset.lm_dataset import DataError, LengthGroupedBatchSampler, PadCollator  # noqa: E402
 
@@ -468,6 +468,13 @@ def plot_loss(history, path: Path, title: str) -> Optional[Path]:
 def load_full_state(model, state_dict: dict) -> None:
     """Resume of full-parameter training: every weight comes from the checkpoint."""
     model.load_state_dict(state_dict)
+
+
+def fit_full(args, dataset_cls) -> "TrainState":
+    """fit() for full-parameter training (pretrain, full SFT): every weight trains; {save_weight}_{h}.pth is saved."""
+    return fit(args, dataset_cls, prepare_model=lambda model: list(model.parameters()),
+               save=lambda model: save_model(model, weight_path(args.save_dir, args.save_weight, args.hidden_size)),
+               trainable_state=lambda model: model.state_dict(), load_trainable_state=load_full_state)
 
 
 def cleanup(rt: Optional[Runtime]) -> None:
