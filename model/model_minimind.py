@@ -222,8 +222,9 @@ class MiniMindForCausalLM(nn.Module):
         if labels is not None:
             # Position t predicts token t+1; -100 marks positions without a target (prompt, padding).
             # Sum / count rather than mean: a batch whose targets were all truncated away gives 0, not NaN.
-            targets = labels[:, 1:].reshape(-1)
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(), targets,
+            # Shifting the labels (not the logits) avoids copying the (B, T, vocab) logits and their gradient.
+            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets,
                                    ignore_index=-100, reduction="sum") / (targets != -100).sum().clamp(min=1)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
 
