@@ -133,15 +133,12 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        if self.n_kv_heads != self.n_heads:
-            # Expanding K/V beats SDPA's enable_gqa on CPU, which falls back to the math kernel.
-            rep = self.n_heads // self.n_kv_heads
-            k = k[:, :, None].expand(B, self.n_kv_heads, rep, *k.shape[2:]).reshape(B, self.n_heads, *k.shape[2:])
-            v = v[:, :, None].expand(B, self.n_kv_heads, rep, *v.shape[2:]).reshape(B, self.n_heads, *v.shape[2:])
         # A query block that covers every key is plain causal; a single new query sees everything.
         is_causal = mask is None and T > 1
+        # enable_gqa: each K/V head serves n_heads / n_kv_heads query heads without being copied.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -203,7 +200,8 @@ class MiniMindForCausalLM(nn.Module):
     def forward(self, input_ids, labels=None, attention_mask=None, past_key_values: Optional[KVCache] = None,
                 use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """attention_mask (B, T_past + T), 1 = real token, is only needed for left-padded batches.
-        logits_to_keep > 0 computes logits for the last positions only (generation needs one)."""
+        logits_to_keep > 0 computes logits for the last positions only (generation needs one).
+        With labels the output holds the loss and no logits: the (B, T, vocab) logits are never built."""
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (
             KVCache(self.config.num_hidden_layers) if use_cache else None)
@@ -217,16 +215,15 @@ class MiniMindForCausalLM(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.model.norm(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-        loss = None
         if labels is not None:
-            # Position t predicts token t+1; -100 marks positions without a target (prompt, padding).
-            # Sum / count rather than mean: a batch whose targets were all truncated away gives 0, not NaN.
-            # Shifting the labels (not the logits) avoids copying the (B, T, vocab) logits and their gradient.
+            # Position t predicts token t+1; -100 marks positions without a target (prompt, padding),
+            # and those rows never reach lm_head.
             targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets,
-                                   ignore_index=-100, reduction="sum") / (targets != -100).sum().clamp(min=1)
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache if use_cache else None)
+            keep = targets != -100
+            loss = lm_head_loss(x.reshape(-1, x.size(-1))[keep], self.lm_head.weight, targets[keep])
+            return CausalLMOutput(logits=None, loss=loss, past_key_values=cache if use_cache else None)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+        return CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
 
     @staticmethod
     def _attention_bias(attention_mask, T, past, device):
@@ -272,6 +269,62 @@ class MiniMindForCausalLM(nn.Module):
         """Prompt followed by the generated tokens, (B, T + new), like Hugging Face's generate."""
         new = list(self.stream_generate(input_ids, max_new_tokens, **kwargs))
         return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+
+
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): big enough for fast matmuls, small enough to stay cached
+
+
+def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ weight.T (h: (N, hidden), targets: (N,)), a chunk of rows at a time,
+    so the (N, vocab) logits and their gradient are never held whole. The same value as
+    F.cross_entropy(F.linear(h, weight), targets); 0 when N is 0."""
+    rows = max(16, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    acc = torch.promote_types(h.dtype, torch.float32)  # softmax and sums in fp32 at least
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLMHeadLoss.apply(h, weight, targets, rows, acc)
+    total = torch.zeros((), dtype=acc, device=h.device)
+    for s in range(0, h.shape[0], rows):
+        logits = F.linear(h[s:s + rows], weight).to(acc)
+        total += (logits.logsumexp(-1) - logits.gather(1, targets[s:s + rows, None]).squeeze(1)).sum()
+    return total / max(h.shape[0], 1)
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """Forward computes each chunk's loss and, while its logits are at hand, their gradient with respect to h
+    and weight (softmax - onehot); backward only scales those. No (N, vocab) tensor is stored for backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows, acc):
+        need_h, need_w = ctx.needs_input_grad[:2]
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, n, rows):
+            hc, tc = h[s:s + rows], targets[s:s + rows, None]
+            logits = F.linear(hc, weight).to(acc)
+            target_logit = logits.gather(1, tc)
+            # One exp pass gives both the log-sum-exp (the loss) and the softmax (the gradient).
+            peak = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(peak).exp_()
+            z = probs.sum(-1, keepdim=True)
+            total += (z.log() + peak - target_logit).sum()
+            probs.div_(z).scatter_add_(1, tc, torch.full_like(target_logit, -1.0))  # d(loss sum)/d(logits)
+            g = probs.to(weight.dtype)
+            if need_h:
+                grad_h[s:s + rows] = g @ weight
+            if need_w:
+                grad_w += g.t() @ hc
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.n, ctx.weight_dtype = max(n, 1), weight.dtype
+        return total / ctx.n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:

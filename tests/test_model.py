@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model.checkpoint import (CheckpointError, hf_config_dict, load_model, safe_torch_load, save_model)
+from model import model_minimind
 from model.model_minimind import KVCache, MiniMindConfig, MiniMindForCausalLM
 from tests.conftest import tiny_config
 
@@ -17,13 +18,50 @@ def test_minimind3_defaults():
 
 def test_shapes_and_loss(tiny_model):
     x = torch.randint(0, 512, (3, 17))
+    logits = tiny_model(x).logits
+    assert logits.shape == (3, 17, 512)
     out = tiny_model(x, labels=x)
-    assert out.logits.shape == (3, 17, 512)
+    assert out.logits is None  # with labels the logits are never built
     assert out.loss.ndim == 0 and abs(out.loss.item() - math.log(512)) < 0.5  # near-uniform at init
     labels = x.clone()
     labels[:, :10] = -100
-    manual = torch.nn.functional.cross_entropy(out.logits[:, 9:-1].reshape(-1, 512), x[:, 10:].reshape(-1))
+    manual = torch.nn.functional.cross_entropy(logits[:, 9:-1].reshape(-1, 512), x[:, 10:].reshape(-1))
     assert torch.allclose(tiny_model(x, labels=labels).loss, manual, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_chunked_lm_head_loss_matches_cross_entropy(monkeypatch, weight_grad):
+    monkeypatch.setattr(model_minimind, "LOSS_CHUNK_ELEMENTS", 100 * 40)  # 40 rows a chunk: 8 chunks, last short
+    torch.manual_seed(0)
+    h = torch.randn(300, 32, dtype=torch.float64, requires_grad=True)
+    w = (torch.randn(100, 32, dtype=torch.float64) * 0.5).requires_grad_(weight_grad)
+    t = torch.randint(0, 100, (300,))
+    ours = model_minimind.lm_head_loss(h, w, t)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w), t)
+    inputs = (h, w) if weight_grad else (h,)
+    for a, b in zip(torch.autograd.grad(ours * 3, inputs), torch.autograd.grad(ref * 3, inputs)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9)
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model_minimind.lm_head_loss(h, w, t), ref.detach(), atol=1e-12, rtol=0)
+    empty = model_minimind.lm_head_loss(h[:0], w, t[:0])
+    empty.backward()
+    assert empty.item() == 0.0 and h.grad.abs().sum() == 0
+
+
+def test_loss_gradients_match_full_logits_cross_entropy(tiny_model):
+    x = torch.randint(0, 512, (2, 9))
+    labels = x.clone()
+    labels[0, :4] = -100
+    tiny_model.zero_grad()
+    tiny_model(x, labels=labels).loss.backward()
+    ours = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    logits = tiny_model(x).logits
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    torch.nn.functional.cross_entropy(logits.reshape(-1, 512), targets, ignore_index=-100).backward()
+    for n, p in tiny_model.named_parameters():
+        torch.testing.assert_close(ours[n], p.grad, atol=1e-6, rtol=1e-4, msg=n)
 
 
 def test_causality(tiny_model):
