@@ -63,6 +63,11 @@ class LoRA(nn.Module):
         # B(Ax): r*(d+k) multiply-adds per token; the d x k matrix B @ A is never built here.
         return self.B(self.A(self.dropout(x))) * self.scale
 
+    def add_to(self, y, x):
+        """y + forward(x), with the scale and the sum done inside one matmul (no (tokens, out) temporaries)."""
+        ax = self.A(self.dropout(x))
+        return torch.addmm(y.flatten(0, -2), ax.flatten(0, -2), self.B.weight.t(), alpha=self.scale).view_as(y)
+
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in fp32, the d x k update; only merging needs it."""
         return (self.B.weight.float() @ self.A.weight.float()) * self.scale
@@ -85,7 +90,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if self.active_adapter is None or self.merged_adapter is not None:
             return y
-        return y + self.lora[self.active_adapter](x)
+        return self.lora[self.active_adapter].add_to(y, x)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:

@@ -74,16 +74,17 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos and sin for the given positions, shape (T, head_dim), in the rotate-half layout."""
+    """cos and signed sin for the given positions, shape (T, head_dim), in the rotate-half layout: the sin's
+    first half is negated, so that apply_rope needs only a roll."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
     freqs = torch.outer(positions.float(), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return emb.cos().to(dtype), torch.cat((-freqs.sin(), freqs.sin()), dim=-1).to(dtype)
 
 
-def apply_rope(x, cos, sin):
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def apply_rope(x, cos, signed_sin):
+    # rotate_half(x) * sin == roll(x, half) * signed_sin: [x1, x2] -> [-x2, x1], element for element.
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 class KVCache:
@@ -160,7 +161,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None, mask=None):
         x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, mask))
@@ -183,6 +184,7 @@ class MiniMindForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._rope_table = None  # (cos, signed sin) for positions 0.., built on first use; see _rope
         self.apply(self._init_weights)
         # GPT-2's trick: shrink the projections that write into the residual stream by depth.
         for name, p in self.named_parameters():
@@ -207,8 +209,7 @@ class MiniMindForCausalLM(nn.Module):
             KVCache(self.config.num_hidden_layers) if use_cache else None)
         past = cache.length if cache is not None else 0
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(past, past + T, device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        cos, sin = self._rope(past, T, x.device, x.dtype)
         mask = self._attention_bias(attention_mask, T, past, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
@@ -224,6 +225,18 @@ class MiniMindForCausalLM(nn.Module):
             return CausalLMOutput(logits=None, loss=loss, past_key_values=cache if use_cache else None)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
+
+    def _rope(self, past: int, T: int, device, dtype):
+        """cos and signed sin of positions past .. past + T - 1, sliced from a table that grows by doubling
+        (a decode step would otherwise spend a dozen small ops rebuilding them)."""
+        table = self._rope_table
+        if table is None or table[0].shape[0] < past + T or table[0].device != device or table[0].dtype != dtype:
+            n = max(past + T, 2 * table[0].shape[0] if table is not None else 0, 256)
+            with torch.inference_mode(False):  # a table built while generating must still serve training
+                table = rope_cos_sin(torch.arange(n, device=device), self.config.head_dim, self.config.rope_theta,
+                                     dtype)
+            self._rope_table = table
+        return table[0][past:past + T], table[1][past:past + T]
 
     @staticmethod
     def _attention_bias(attention_mask, T, past, device):

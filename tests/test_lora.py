@@ -281,7 +281,7 @@ def test_merge_unmerge_round_trip():
     W0 = q.weight.detach().clone()
     unmerged = logits(model)
     calls = []
-    q.lora["default"].register_forward_hook(lambda *a: calls.append(1))
+    q.lora["default"].A.register_forward_hook(lambda *a: calls.append(1))
 
     assert merge_lora(model) == "default"
     torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=0)
@@ -401,3 +401,12 @@ def test_logits_match_peft_on_hugging_face_qwen3(use_rslora):
     torch.testing.assert_close(logits(ours), logits(theirs), atol=1e-5, rtol=0)
     with theirs.disable_adapter():
         assert not torch.allclose(logits(ours), logits(theirs), atol=1e-4)
+
+
+def test_add_to_equals_y_plus_branch():
+    torch.manual_seed(0)
+    lora = LoRA(16, 24, rank=4, alpha=8)
+    torch.nn.init.normal_(lora.B.weight)
+    x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
+    torch.testing.assert_close(lora.add_to(y, x), y + lora(x), atol=1e-5, rtol=0)
+    assert lora.add_to(y, x).shape == (2, 5, 24)

@@ -192,3 +192,14 @@ def test_saved_files_get_the_umask_mode_and_no_temp_files(tmp_path, tiny_model):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644  # mkstemp alone would leave 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m_64.json", "m_64.pth"]
+
+
+def test_rope_table_built_while_generating_serves_training_and_longer_inputs(tiny_model):
+    with torch.inference_mode():
+        tiny_model.generate(torch.randint(3, 512, (1, 5)), max_new_tokens=3, temperature=0.0)
+    x = torch.randint(0, 512, (1, 300))  # longer than the first table: it grows
+    tiny_model(x, labels=x).loss.backward()  # an inference-mode table would refuse to be saved for backward
+    cos, sin = tiny_model._rope(290, 10, x.device, torch.float32)
+    ref_cos, ref_sin = model_minimind.rope_cos_sin(torch.arange(290, 300), tiny_model.config.head_dim,
+                                                   tiny_model.config.rope_theta, torch.float32)
+    assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin)
