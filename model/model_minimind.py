@@ -53,11 +53,19 @@ class MiniMindConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-@dataclass
 class CausalLMOutput:
-    logits: torch.Tensor
-    loss: Optional[torch.Tensor] = None
-    past_key_values: Optional["KVCache"] = None
+    """loss, logits and the KV cache. A forward with labels computes the loss without building the
+    (B, T, vocab) logits; reading `.logits` then computes them (once) from the final hidden states."""
+
+    def __init__(self, logits=None, loss=None, past_key_values=None, hidden=None, lm_head=None):
+        self._logits, self.loss, self.past_key_values = logits, loss, past_key_values
+        self._hidden, self._lm_head = hidden, lm_head
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None and self._hidden is not None:
+            self._logits = self._lm_head(self._hidden)
+        return self._logits
 
 
 class RMSNorm(nn.Module):
@@ -203,7 +211,7 @@ class MiniMindForCausalLM(nn.Module):
                 use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """attention_mask (B, T_past + T), 1 = real token, is only needed for left-padded batches.
         logits_to_keep > 0 computes logits for the last positions only (generation needs one).
-        With labels the output holds the loss and no logits: the (B, T, vocab) logits are never built."""
+        With labels the loss is computed without the (B, T, vocab) logits; `.logits` builds them if read."""
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (
             KVCache(self.config.num_hidden_layers) if use_cache else None)
@@ -222,7 +230,8 @@ class MiniMindForCausalLM(nn.Module):
             targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
             keep = targets != -100
             loss = lm_head_loss(x.reshape(-1, x.size(-1))[keep], self.lm_head.weight, targets[keep])
-            return CausalLMOutput(logits=None, loss=loss, past_key_values=cache if use_cache else None)
+            return CausalLMOutput(loss=loss, past_key_values=cache if use_cache else None, hidden=x,
+                                  lm_head=self.lm_head)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         return CausalLMOutput(logits=logits, past_key_values=cache if use_cache else None)
 
@@ -284,7 +293,7 @@ class MiniMindForCausalLM(nn.Module):
         return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
 
 
-LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB in fp32): big enough for fast matmuls, small enough to stay cached
+LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB fp32): big enough for fast matmuls, small enough to reuse
 
 
 def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

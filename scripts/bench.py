@@ -189,10 +189,11 @@ def train_step_child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
+    """Run CHILDREN[spec["child"]](spec) in a fresh Python process; its last stdout line is the JSON result."""
     out = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True,
                          cwd=ROOT)
     if out.returncode != 0:
-        raise RuntimeError(f"lora_vs_full child failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{spec['child']} child failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -223,8 +224,8 @@ def bench_lora_vs_full(args):
     rows = []
     for dims, batch, seq in scales:
         for name, targets in LORA_SETTINGS.items():
-            r = run_child({"dims": dims, "targets": targets, "batch": batch, "seq": seq, "repeats": args.repeats,
-                           "device": args.device, "threads": args.threads})
+            r = run_child({"child": "train_step", "dims": dims, "targets": targets, "batch": batch, "seq": seq,
+                           "repeats": args.repeats, "device": args.device, "threads": args.threads})
             rows.append({"scale": scale_name(dims), "batch x seq": f"{batch}x{seq}", "setting": name,
                          "step ms": 1e3 * r["step_s"], "trainable": r["trainable"],
                          "trainable %": 100 * r["trainable"] / r["total"],
@@ -268,9 +269,11 @@ def bench_inference(args):
                for name, m in models.items()}
         t = interleaved(fns, args.repeats, dev)
         tok_s = {name: new_tokens / med(ts) for name, ts in t.items()}
+        # vs base: median over repeats of base time / this time, each pair run back to back (noise cancels).
+        vs_base = {name: med([b / a for a, b in zip(t[name], t["base"])]) for name in models}
         for name in models:
             rows.append({"scale": scale_name(dims), "what": f"decode {name}", "tokens/s": tok_s[name],
-                         "ms": 1e3 * med(t[name]), "vs base": tok_s[name] / tok_s["base"]})
+                         "ms": 1e3 * med(t[name]), "vs base": vs_base[name]})
 
         two = copy.deepcopy(base)
         apply_lora(two, rank=8, alpha=16, adapter_name="a")
@@ -284,7 +287,7 @@ def bench_inference(args):
                               ("unmerge_lora", t_mu["unmerge"], 1)):
             rows.append({"scale": scale_name(dims), "what": what, "tokens/s": None, "ms": 1e3 * med(ts) / per,
                          "vs base": None})
-        m, u = tok_s["LoRA r=8 q,o merged"] / tok_s["base"], tok_s["LoRA r=8 q,o unmerged"] / tok_s["base"]
+        m, u = vs_base["LoRA r=8 q,o merged"], vs_base["LoRA r=8 q,o unmerged"]
         notes.append(f"ratio merged/base tokens/s at {scale_name(dims)}: {m:.3f} (target >= 0.97: {verdict(m >= 0.97)}); "
                      f"unmerged/base: {u:.3f} (target >= 0.85: {verdict(u >= 0.85)})")
     notes.append(f"Greedy decode, batch 1, 16-token prompt, {new_tokens} new tokens (eos disabled); tokens/s = "
@@ -373,60 +376,72 @@ def bench_ecosystem(args):
         import transformers
     except ImportError as e:
         return [], [f"skipped: {e.name} is not installed (pip install -r requirements-dev.txt)"]
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls APIs transformers deprecates
-    dev = args.device
     scales = [(TINY, 2, 32, 8)] if args.quick else [(DEMO, 8, 256, 64), (MINIMIND3, 8, 256, 64)]
     rows, notes = [], []
     for dims, batch, seq, new_tokens in scales:
-        base = build_model(dims, dev)
-        # LoRA training step: r=8, alpha 16 on q,k,v,o, AdamW over the LoRA parameters, identical weights.
-        ours = copy.deepcopy(base).train()
-        apply_lora(ours, rank=8, alpha=16, target_modules=QKVO)
-        theirs = peft.get_peft_model(hf_twin(base, transformers), peft.LoraConfig(
-            r=8, lora_alpha=16, target_modules=QKVO, lora_dropout=0.0)).train()
-        with torch.no_grad():
-            for name, m in lora_layers(ours):
-                target = theirs.base_model.model.get_submodule(name)
-                target.lora_A["default"].weight.copy_(m.lora["default"].A.weight)
-                target.lora_B["default"].weight.copy_(m.lora["default"].B.weight)
-        x = torch.randint(0, 6400, (batch, seq), generator=torch.Generator().manual_seed(0)).to(dev)
-        opt_ours = adamw([p for p in ours.parameters() if p.requires_grad], dev)
-        opt_theirs = adamw([p for p in theirs.parameters() if p.requires_grad], dev)
-        t = interleaved({"ours": lambda: train_step(ours, opt_ours, x, x),
-                         "theirs": lambda: train_step(theirs, opt_theirs, x, x)}, args.repeats, dev, warmup=2)
-        rows.append(eco_row(dims, f"LoRA train step, batch {batch}x{seq}", t))
-        del ours, theirs, opt_ours, opt_theirs
-
-        # Greedy generation of exactly new_tokens tokens with the KV cache, batch 1.
-        ours, theirs = base.eval(), hf_twin(base, transformers).eval()
-        prompt = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
-        mask = torch.ones_like(prompt)
-        out = {}
-
-        def ours_gen():
-            out["ours"] = ours.generate(prompt, max_new_tokens=new_tokens, temperature=0, eos_token_id=-1)
-
-        def theirs_gen():
-            with torch.inference_mode():
-                out["theirs"] = theirs.generate(prompt, attention_mask=mask, do_sample=False,
-                                                max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
-
-        t = interleaved({"ours": ours_gen, "theirs": theirs_gen}, args.repeats, dev, warmup=2)
-        assert out["ours"].shape == out["theirs"].shape == (1, 16 + new_tokens), (out["ours"].shape, out["theirs"].shape)
-        row = eco_row(dims, f"greedy generate {new_tokens} tokens", t)
-        row["same tokens"] = "yes" if torch.equal(out["ours"], out["theirs"]) else "no"
+        # A fresh process per scale: what earlier sections left in the allocator must not tilt the comparison.
+        r = run_child({"child": "ecosystem", "dims": dims, "batch": batch, "seq": seq, "new_tokens": new_tokens,
+                       "repeats": args.repeats, "threads": torch.get_num_threads(), "device": args.device})
+        rows.append(eco_row(dims, f"LoRA train step, batch {batch}x{seq}", r["train"]))
+        row = eco_row(dims, f"greedy generate {new_tokens} tokens", r["generate"])
+        row["same tokens"] = "yes" if r["same_tokens"] else "no"
         rows.append(row)
     for row in rows:
         if row["scale"] == scale_name(scales[0][0]):
             target = 0.8 if "train" in row["task"] else 0.6
-            check = f"; target <= {target}x on CPU: {verdict(row['ratio med'] <= target)}" if dev == "cpu" else ""
+            check = f"; target <= {target}x on CPU: {verdict(row['ratio med'] <= target)}" if args.device == "cpu" else ""
             notes.append(f"ratio ours/theirs time, {row['task']} at {row['scale']}: {row['ratio med']:.2f}x "
                          f"(min {row['ratio min']:.2f}, max {row['ratio max']:.2f}){check}")
     notes.append(f"theirs = transformers {transformers.__version__} Qwen3ForCausalLM (sdpa attention) + peft "
-                 f"{peft.__version__} for the LoRA step; fp32; same process, same {torch.get_num_threads()} threads; "
-                 f"warmed up, then run interleaved.")
+                 f"{peft.__version__} for the LoRA step; fp32; same {torch.get_num_threads()} threads; one fresh "
+                 f"process per scale, both sides in it, warmed up, then run interleaved.")
     return rows, notes
+
+
+def ecosystem_child(spec: dict) -> dict:
+    """One scale: ours vs transformers (+ PEFT) on identical weights, interleaved; returns the raw times."""
+    import peft
+    import transformers
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls APIs transformers deprecates
+    torch.set_num_threads(spec["threads"])
+    dev, dims, repeats = spec["device"], spec["dims"], spec["repeats"]
+    base = build_model(dims, dev)
+    # LoRA training step: r=8, alpha 16 on q,k,v,o, AdamW over the LoRA parameters, identical weights.
+    ours = copy.deepcopy(base).train()
+    apply_lora(ours, rank=8, alpha=16, target_modules=QKVO)
+    theirs = peft.get_peft_model(hf_twin(base, transformers), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules=QKVO, lora_dropout=0.0)).train()
+    with torch.no_grad():
+        for name, m in lora_layers(ours):
+            target = theirs.base_model.model.get_submodule(name)
+            target.lora_A["default"].weight.copy_(m.lora["default"].A.weight)
+            target.lora_B["default"].weight.copy_(m.lora["default"].B.weight)
+    x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0)).to(dev)
+    opt_ours = adamw([p for p in ours.parameters() if p.requires_grad], dev)
+    opt_theirs = adamw([p for p in theirs.parameters() if p.requires_grad], dev)
+    t_train = interleaved({"ours": lambda: train_step(ours, opt_ours, x, x),
+                           "theirs": lambda: train_step(theirs, opt_theirs, x, x)}, repeats, dev, warmup=2)
+    del ours, theirs, opt_ours, opt_theirs
+
+    # Greedy generation of exactly new_tokens tokens with the KV cache, batch 1.
+    new_tokens = spec["new_tokens"]
+    ours, theirs = base.eval(), hf_twin(base, transformers).eval()
+    prompt = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
+    mask = torch.ones_like(prompt)
+    out = {}
+
+    def ours_gen():
+        out["ours"] = ours.generate(prompt, max_new_tokens=new_tokens, temperature=0, eos_token_id=-1)
+
+    def theirs_gen():
+        with torch.inference_mode():
+            out["theirs"] = theirs.generate(prompt, attention_mask=mask, do_sample=False,
+                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+
+    t_gen = interleaved({"ours": ours_gen, "theirs": theirs_gen}, repeats, dev, warmup=2)
+    assert out["ours"].shape == out["theirs"].shape == (1, 16 + new_tokens), (out["ours"].shape, out["theirs"].shape)
+    return {"train": t_train, "generate": t_gen, "same_tokens": torch.equal(out["ours"], out["theirs"])}
 
 
 def eco_row(dims, task, t) -> dict:
@@ -556,22 +571,26 @@ def write_markdown(path: Path, sections: dict, run) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
-        print(json.dumps(train_step_child(json.loads(argv[1]))))
+        spec = json.loads(argv[1])
+        print(json.dumps(CHILDREN[spec["child"]](spec)))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", help=f"sub-benchmarks (default: all): {', '.join(ALL)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test in seconds")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats after warmup (default 5, quick 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats after warmup (default 7, quick 2)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="bf16 peak FLOP/s for MFU on an unlisted GPU")
     p.add_argument("--write", nargs="?", const=str(ROOT / "docs" / "BENCHMARKS.md"), default=None,
                    help="write Markdown (default path docs/BENCHMARKS.md); without it only print")
     args = p.parse_args(argv)
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.repeats = args.repeats or (2 if args.quick else 7)
     names = args.names or list(ALL)
     unknown = [n for n in names if n not in ALL]
     if unknown:

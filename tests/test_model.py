@@ -21,7 +21,8 @@ def test_shapes_and_loss(tiny_model):
     logits = tiny_model(x).logits
     assert logits.shape == (3, 17, 512)
     out = tiny_model(x, labels=x)
-    assert out.logits is None  # with labels the logits are never built
+    assert out._logits is None  # the loss did not need them ...
+    assert torch.equal(out.logits, logits)  # ... but reading them builds them
     assert out.loss.ndim == 0 and abs(out.loss.item() - math.log(512)) < 0.5  # near-uniform at init
     labels = x.clone()
     labels[:, :10] = -100
