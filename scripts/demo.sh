@@ -24,7 +24,7 @@ stage pretrain python trainer/train_pretrain.py --save_dir "$OUT" "$@"
 stage full_sft python trainer/train_full_sft.py --save_dir "$OUT" "$@"
 stage lora_identity python trainer/train_lora.py --save_dir "$OUT" --lora_name lora_identity "$@"
 # New facts need the MLPs and more steps: on q_proj,o_proj (the default) the medical adapter stays under 10%.
-# Dropout 0.1 keeps the base's other knowledge: without it held-out pretraining ppl rose 22%, with it 4%.
+# Dropout 0.1 keeps the base's other knowledge: held-out pretraining ppl +22% at lr 1e-3 without it, +4% here.
 stage lora_medical python trainer/train_lora.py --save_dir "$OUT" --lora_name lora_medical \
   --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 1.5e-3 --epochs 16 --lora_dropout 0.1 "$@"
 EVAL="dataset/demo/eval_identity.jsonl,dataset/demo/eval_medical.jsonl,dataset/demo/eval_pretrain.jsonl"
