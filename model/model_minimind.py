@@ -300,45 +300,47 @@ def lm_head_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -
     """Mean cross-entropy of the logits h @ weight.T (h: (N, hidden), targets: (N,)), a chunk of rows at a time,
     so the (N, vocab) logits and their gradient are never held whole. The same value as
     F.cross_entropy(F.linear(h, weight), targets); 0 when N is 0."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _ChunkedLMHeadLoss.apply(h, weight, targets)
+    return _chunked_loss_and_grads(h, weight, targets, False, False)[0] / max(h.shape[0], 1)
+
+
+def _chunked_loss_and_grads(h, weight, targets, need_h: bool, need_w: bool):
+    """Summed loss and, if asked, its gradients with respect to h and weight, one chunk of logits at a time."""
     rows = max(16, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     acc = torch.promote_types(h.dtype, torch.float32)  # softmax and sums in fp32 at least
-    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _ChunkedLMHeadLoss.apply(h, weight, targets, rows, acc)
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
     total = torch.zeros((), dtype=acc, device=h.device)
     for s in range(0, h.shape[0], rows):
-        logits = F.linear(h[s:s + rows], weight).to(acc)
-        total += (logits.logsumexp(-1) - logits.gather(1, targets[s:s + rows, None]).squeeze(1)).sum()
-    return total / max(h.shape[0], 1)
+        hc, tc = h[s:s + rows], targets[s:s + rows, None]
+        logits = F.linear(hc, weight).to(acc)
+        target_logit = logits.gather(1, tc)
+        # One exp pass gives both the log-sum-exp (the loss) and the softmax (the gradient).
+        peak = logits.amax(-1, keepdim=True)
+        probs = logits.sub_(peak).exp_()
+        z = probs.sum(-1, keepdim=True)
+        total += (z.log() + peak - target_logit).sum()
+        if not (need_h or need_w):
+            continue
+        probs.div_(z).scatter_add_(1, tc, torch.full_like(target_logit, -1.0))  # d(loss sum)/d(logits)
+        g = probs.to(weight.dtype)
+        if need_h:
+            grad_h[s:s + rows] = g @ weight
+        if need_w:
+            grad_w += g.t() @ hc
+    return total, grad_h, grad_w
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):
-    """Forward computes each chunk's loss and, while its logits are at hand, their gradient with respect to h
-    and weight (softmax - onehot); backward only scales those. No (N, vocab) tensor is stored for backward."""
+    """Forward computes the loss and, while each chunk's logits are at hand, its gradients (softmax - onehot);
+    backward only scales those. No (N, vocab) tensor is stored for backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, rows, acc):
-        need_h, need_w = ctx.needs_input_grad[:2]
-        n = h.shape[0]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
-        total = torch.zeros((), dtype=acc, device=h.device)
-        for s in range(0, n, rows):
-            hc, tc = h[s:s + rows], targets[s:s + rows, None]
-            logits = F.linear(hc, weight).to(acc)
-            target_logit = logits.gather(1, tc)
-            # One exp pass gives both the log-sum-exp (the loss) and the softmax (the gradient).
-            peak = logits.amax(-1, keepdim=True)
-            probs = logits.sub_(peak).exp_()
-            z = probs.sum(-1, keepdim=True)
-            total += (z.log() + peak - target_logit).sum()
-            probs.div_(z).scatter_add_(1, tc, torch.full_like(target_logit, -1.0))  # d(loss sum)/d(logits)
-            g = probs.to(weight.dtype)
-            if need_h:
-                grad_h[s:s + rows] = g @ weight
-            if need_w:
-                grad_w += g.t() @ hc
+    def forward(ctx, h, weight, targets):
+        total, grad_h, grad_w = _chunked_loss_and_grads(h, weight, targets, *ctx.needs_input_grad[:2])
         ctx.save_for_backward(grad_h, grad_w)
-        ctx.n, ctx.weight_dtype = max(n, 1), weight.dtype
+        ctx.n, ctx.weight_dtype = max(h.shape[0], 1), weight.dtype
         return total / ctx.n
 
     @staticmethod
@@ -346,7 +348,7 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         scale = grad_out / ctx.n
         return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
-                (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+                (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None)
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
