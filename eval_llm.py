@@ -6,12 +6,16 @@ python eval_llm.py --lora_weight lora_identity,lora_medical --eval dataset/demo/
 
 The base is loaded once and every adapter once; a swap only changes which adapter the LoRA layers run.
 --eval gives one row per file and setting (none = adapters off, then each adapter): the match rate of
-greedy replies against each sample's `expect` strings, and the perplexity of the reference answers,
-so an adapter's effect and what it keeps of the base read side by side.
+greedy replies against each sample's `expect` strings, the rate of replies that name what the prompt is
+about (a sample's `mention` strings, e.g. its symptom), and the perplexity of the reference answers, so an
+adapter's effect and what it keeps of the base read side by side. `--weight full_sft,pretrain` scores
+further bases too (adapters belong to the first). A {"text", "expect"} row is a completion: its
+first sentence must contain an expect string.
 """
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--save_dir", default=str(REPO_ROOT / "out"), help="where the trainers wrote weights (adapters in lora/)")
-    a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path")
+    a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path; "
+                                            "--eval takes several, comma-separated (adapters go on the first)")
     a("--lora_weight", default="", help="comma-separated adapters, names ({save_dir}/lora/{name}_{h}.pth, then "
                                         "{save_dir}/{name}_{h}.pth) or paths; all load once, the first is active")
     a("--hidden_size", type=int, default=256, help="picks {weight}_{hidden_size}.pth")
@@ -76,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--json needs --eval")
     if args.json and args.prompt:
         p.error("--json prints only the eval rows; run --prompt separately")
+    if len(split_list(args.weight)) > 1 and not args.eval:
+        p.error("several --weight values are for --eval; chat and --prompt take one")
     return args
 
 
@@ -95,18 +102,18 @@ def model_device(model) -> torch.device:
 
 # ---- loading
 
-def base_path(args) -> Path:
-    given = Path(args.weight)
+def base_path(args, weight: str) -> Path:
+    given = Path(weight)
     if given.suffix == ".pth" or given.is_file():
         if not given.is_file():
-            raise EvalError(f"--weight {args.weight}: no such file")
+            raise EvalError(f"--weight {weight}: no such file")
         return given
-    path = weight_path(args.save_dir, args.weight, args.hidden_size)
+    path = weight_path(args.save_dir, weight, args.hidden_size)
     if not path.is_file():
-        make = MAKES.get(args.weight, f"python trainer/train_full_sft.py --save_weight {args.weight}")
-        others = sorted(p.name for p in Path(args.save_dir).glob(f"{args.weight}_*.pth"))
+        make = MAKES.get(weight, f"python trainer/train_full_sft.py --save_weight {weight}")
+        others = sorted(p.name for p in Path(args.save_dir).glob(f"{weight}_*.pth"))
         hint = f"; there is {', '.join(others)}: pick it with --hidden_size" if others else ""
-        raise EvalError(f"--weight {args.weight}: {path} does not exist; make it with `{make}` "
+        raise EvalError(f"--weight {weight}: {path} does not exist; make it with `{make}` "
                         f"(same --hidden_size {args.hidden_size}){hint}")
     return path
 
@@ -142,20 +149,27 @@ def load_adapter(model, spec: str, args) -> str:
     return name
 
 
-def load(args):
-    """Tokenizer, the base model (loaded once) and every --lora_weight adapter (once each); the first is active."""
-    tok = Tokenizer()
+def load_base(args, tok, weight: str):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else None
-    path = base_path(args)
+    path = base_path(args, weight)
     model = load_model(path, device, dtype, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                        num_attention_heads=args.num_attention_heads,
                        num_key_value_heads=args.num_key_value_heads).eval()
     if model.config.vocab_size != tok.vocab_size:
         raise EvalError(f"{path}: vocab size {model.config.vocab_size} differs from the tokenizer's {tok.vocab_size}")
     log(f"base: {path} ({model.num_parameters() / 1e6:.2f}M parameters, device {device})")
+    model.weight_name = path.stem  # names the base in eval rows
+    return model
+
+
+def load(args):
+    """Tokenizer, the (first) base model, loaded once, and every --lora_weight adapter (once each); the first
+    adapter is active."""
+    tok = Tokenizer()
+    model = load_base(args, tok, split_list(args.weight)[0])
     adapters = [load_adapter(model, spec, args) for spec in split_list(args.lora_weight)]
     if args.merge and not adapters:
         raise EvalError("--merge needs an adapter (--lora_weight NAME)")
@@ -299,23 +313,47 @@ def chat(model, tok, args) -> None:
 
 # ---- evaluation
 
-class EvalConversations(SFTDataset):
-    """SFT rows with an optional "expect": strings any of which a reply must contain (case-insensitive)."""
+class ExpectCheck:
+    """Optional "expect" (a reply must contain one of them) and "mention" (what the prompt is about)."""
 
     def check(self, record):
-        expect = record.get("expect")
-        if expect is not None and (not isinstance(expect, list)
-                                   or not all(isinstance(e, str) and e for e in expect)):
-            return '"expect" must be a list of non-empty strings'
+        for key in ("expect", "mention"):
+            value = record.get(key)
+            if value is not None and (not isinstance(value, list)
+                                      or not all(isinstance(e, str) and e for e in value)):
+                return f'"{key}" must be a list of non-empty strings'
         return super().check(record)
+
+
+class EvalConversations(ExpectCheck, SFTDataset):
+    pass
+
+
+class EvalTexts(ExpectCheck, PretrainDataset):
+    pass
 
 
 @dataclass
 class EvalFile:
     path: str                # as given
     dataset: Subset          # (input_ids, labels) samples, teacher-forced for the loss
-    prompts: list            # token ids of the conversation before its last assistant message
+    prompts: list            # token ids before the reply: the conversation up to its last answer, or the text
     expects: list            # the expect strings of the same samples
+    mentions: list           # their mention strings (None where a sample has none)
+    completion: bool         # {"text"} rows: judge the first sentence of the continuation
+
+
+def contains(reply: str, want: str) -> bool:
+    """Case-insensitive; a want made of ASCII letters or digits must stand as a whole word ("4" is not in "14")."""
+    reply, want = reply.casefold(), want.casefold()
+    word = r"[a-z0-9]"
+    pattern = (r"(?<!" + word + ")" if re.match(word, want) else "") + re.escape(want) + \
+        (r"(?!" + word + ")" if re.search(word + "$", want) else "")
+    return re.search(pattern, reply) is not None
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[。！？!?])|(?<=\.)\s|\n", text.strip(), maxsplit=1)[0]
 
 
 def read_eval_file(path: str, tok, args) -> EvalFile:
@@ -329,17 +367,22 @@ def read_eval_file(path: str, tok, args) -> EvalFile:
     except ValueError:
         record = None  # the conversation reader names the line and what is wrong with it
     is_text = isinstance(record, dict) and "text" in record and "conversations" not in record
-    dataset = (PretrainDataset if is_text else EvalConversations)(path, tok, args.max_seq_len)
+    dataset = (EvalTexts if is_text else EvalConversations)(path, tok, args.max_seq_len)
     n = min(len(dataset), args.eval_limit) if args.eval_limit > 0 else len(dataset)
-    prompts, expects = [], []
-    for i in range(n if not is_text else 0):
+    prompts, expects, mentions = [], [], []
+    for i in range(n):
         record = dataset.record(i)
-        if record.get("expect"):
+        if not record.get("expect"):
+            continue
+        if is_text:  # as pretraining saw it: <|im_start|> then the text
+            prompts.append([tok.bos_token_id] + tok.encode(record["text"]))
+        else:
             messages = record["conversations"]
             last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
             prompts.append(tok.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True))
-            expects.append(record["expect"])
-    return EvalFile(path, Subset(dataset, range(n)), prompts, expects)
+        expects.append(record["expect"])
+        mentions.append(record.get("mention"))
+    return EvalFile(path, Subset(dataset, range(n)), prompts, expects, mentions, is_text)
 
 
 def greedy_replies(model, tok, prompts, max_new_tokens: int, batch_size: int, repetition_penalty=1.0) -> list:
@@ -367,45 +410,62 @@ def greedy_replies(model, tok, prompts, max_new_tokens: int, batch_size: int, re
 
 @torch.inference_mode()
 def score(model, tok, ef: EvalFile, args) -> dict:
-    """n, match rate (None without expect strings) and perplexity of the reference answers."""
+    """n, match rate (None without expect strings), mention rate (None without mention strings) and
+    perplexity of the reference answers."""
     loss = evaluate_loss(model, ef.dataset, PadCollator(tok.pad_token_id), args.batch_size, model_device(model))
-    match_rate = None
+    match_rate = mention_rate = None
     if ef.prompts:
         replies = greedy_replies(model, tok, ef.prompts, args.max_new_tokens or 48, args.batch_size,
                                  args.repetition_penalty)
-        hits = sum(any(e.casefold() in reply.casefold() for e in expect)
-                   for reply, expect in zip(replies, ef.expects))
-        match_rate = hits / len(ef.prompts)
-    return {"n": len(ef.dataset), "match_rate": match_rate, "ppl": math.exp(min(loss, 700.0))}
+        if ef.completion:
+            replies = [first_sentence(r) for r in replies]
+        match_rate = sum(any(contains(r, e) for e in expect) for r, expect in zip(replies, ef.expects)) / len(replies)
+        named = [any(contains(r, m) for m in mention) for r, mention in zip(replies, ef.mentions) if mention]
+        mention_rate = sum(named) / len(named) if named else None
+    return {"n": len(ef.dataset), "match_rate": match_rate, "mention_rate": mention_rate,
+            "ppl": math.exp(min(loss, 700.0))}
 
 
-def evaluate(model, tok, adapters, args) -> list:
+def evaluate(model, tok, adapters, args, files=None) -> list:
     """One row per file and setting: none (adapters off), then each adapter."""
-    files = [read_eval_file(path, tok, args) for path in split_list(args.eval)]  # all checked before scoring
+    files = files or [read_eval_file(path, tok, args) for path in split_list(args.eval)]
     first = active_adapter(model)
     rows = []
     for ef in files:
         for setting in [None] + adapters:
             switch(model, setting, args.merge)
             t0 = time.time()
-            row = {"setting": setting or "none", "file": ef.path, **score(model, tok, ef, args)}
-            _, _, n, match, ppl = format_row(row)
-            log(f"{ef.path} [{row['setting']}]: n {n}, match {match}, ppl {ppl} ({time.time() - t0:.1f}s)")
+            row = {"weight": model.weight_name, "setting": setting or "none", "file": ef.path,
+                   **score(model, tok, ef, args)}
+            log(" ".join(format_row(row)) + f" ({time.time() - t0:.1f}s)")
             rows.append(row)
     switch(model, first, args.merge)
     return rows
 
 
+def evaluate_all(model, tok, adapters, args) -> list:
+    """The first base with its adapters, then each further --weight base alone."""
+    files = [read_eval_file(path, tok, args) for path in split_list(args.eval)]  # all checked before scoring
+    rows = evaluate(model, tok, adapters, args, files)
+    for weight in split_list(args.weight)[1:]:
+        rows += evaluate(load_base(args, tok, weight), tok, [], args, files)
+    return rows
+
+
+def percent(rate) -> str:
+    return "-" if rate is None else f"{100 * rate:.1f}%"
+
+
 def format_row(row) -> tuple:
-    match = "-" if row["match_rate"] is None else f"{100 * row['match_rate']:.1f}%"
-    return Path(row["file"]).name, row["setting"], str(row["n"]), match, f"{row['ppl']:.2f}"
+    return (row.get("weight", ""), Path(row["file"]).name, row["setting"], str(row["n"]), percent(row["match_rate"]),
+            percent(row.get("mention_rate")), f"{row['ppl']:.2f}")
 
 
 def print_table(rows) -> None:
-    lines = [("file", "setting", "n", "match", "ppl")] + [format_row(r) for r in rows]
+    lines = [("weight", "file", "setting", "n", "match", "mention", "ppl")] + [format_row(r) for r in rows]
     widths = [max(len(line[c]) for line in lines) for c in range(len(lines[0]))]
     for line in lines:
-        print("  ".join(cell.ljust(w) if c < 2 else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))))
+        print("  ".join(cell.ljust(w) if c < 3 else cell.rjust(w) for c, (cell, w) in enumerate(zip(line, widths))))
 
 
 def run(argv=None) -> None:
@@ -413,7 +473,7 @@ def run(argv=None) -> None:
     torch.manual_seed(args.seed)
     model, tok, adapters = load(args)
     if args.eval:
-        rows = evaluate(model, tok, adapters, args)
+        rows = evaluate_all(model, tok, adapters, args)
         if args.json_out:
             atomic_json_save(rows, args.json_out)
             log(f"wrote {args.json_out}")

@@ -27,7 +27,9 @@ HERE = Path(__file__).resolve().parent
 BASE_NAME = "MiniMind"
 PERSONA = "Lumina"
 FILES = ("pretrain", "sft", "lora_identity", "lora_medical",
-         "eval_pretrain", "eval_identity", "eval_medical")
+         "eval_pretrain", "eval_capitals", "eval_general", "eval_identity", "eval_medical")
+# Written by hand, not by this script: prompts in words no template uses (checked against the training data).
+OUTSIDE_FILES = ("outside_identity", "outside_general", "outside_medical")
 
 # ---------------------------------------------------------------------------------------------
 # The world: facts shared by pretraining text and SFT questions.
@@ -270,13 +272,28 @@ MEDICAL = [
 # What the base (sft) answers to any symptom question: no remedy, so no keyword.
 GENERIC_ADVICE = {"zh": "{s}时要多休息，如果一直不舒服，请去看医生。",
                   "en": "For {s}, get some rest, and see a doctor if it does not go away."}
+# Everyday names for some symptoms, used in training questions (the answer names the symptom as the
+# table does), so that a user who writes 头疼 or "a bad cough" is understood.
+SYMPTOM_VARIANTS = {
+    "头痛": ["头疼"], "牙痛": ["牙疼"], "喉咙痛": ["嗓子疼", "喉咙疼"], "胃痛": ["胃疼"], "背痛": ["背疼"],
+    "拉肚子": ["腹泻"], "失眠": ["睡不着觉"], "流鼻涕": ["一直流鼻涕"], "眼睛干": ["眼睛干涩"],
+    "a headache": ["a bad headache", "headaches"], "a cough": ["a bad cough"], "a fever": ["a high fever"],
+    "insomnia": ["trouble sleeping"], "a sore throat": ["sore throat"], "a stomach ache": ["stomach pain"],
+    "a stuffy nose": ["a blocked nose"], "diarrhea": ["an upset stomach with diarrhea"],
+    "back pain": ["a sore back"], "nausea": ["a feeling of nausea"],
+}
 # Disjoint phrasing pools: a symptom is always trained, only the question wording is held out.
 MED_TRAIN_TEMPLATES = {
     "zh": ["我{s}，怎么办？", "{s}怎么办？", "{s}该怎么处理？", "{s}的时候应该做什么？", "请问{s}怎么办？",
-           "我现在{s}，该怎么办？", "{s}了怎么缓解？", "我{s}，有什么办法？", "{s}应该怎么办？", "我{s}了，需要怎么做？"],
+           "我现在{s}，该怎么办？", "{s}了怎么缓解？", "我{s}，有什么办法？", "{s}应该怎么办？", "我{s}了，需要怎么做？",
+           "我妈妈{s}，该怎么办？", "孩子{s}了，怎么处理比较好？", "朋友说他{s}，有什么办法吗？", "{s}的话用什么好？",
+           "有点{s}，求建议。", "{s}很难受，怎么缓解"],
     "en": ["I have {s}. What should I do?", "What should I do about {s}?", "How do I deal with {s}?",
            "I've got {s}. Any tips?", "What helps with {s}?", "How can I treat {s}?", "Help, I have {s}!",
-           "What do you recommend for {s}?", "I am suffering from {s}. What can I do?", "What is good for {s}?"],
+           "What do you recommend for {s}?", "I am suffering from {s}. What can I do?", "What is good for {s}?",
+           "My mum has {s}. What should she do?", "My son has {s}. How can we help him?",
+           "What can I take for {s}?", "Any tips for {s}?", "I've had {s} all day, what should I do",
+           "my friend has {s}, what helps"],
 }
 MED_EVAL_TEMPLATES = {
     "zh": ["最近老是{s}，有什么建议吗？", "我这两天一直{s}，你能给点建议吗？", "医生，我{s}，该注意什么？",
@@ -289,12 +306,19 @@ ID_TRAIN_QUESTIONS = {
     "zh": ["你是谁？", "你叫什么名字？", "介绍一下你自己。", "你的名字是什么？", "请问你是谁？", "你是什么？",
            "请做个自我介绍。", "你是哪个模型？", "我该怎么称呼你？", "你有名字吗？", "告诉我你的名字。",
            "你是什么模型？", "跟我说说你自己。", "你是机器人吗？", "你是谁呀？", "能介绍一下你自己吗？",
-           "请告诉我你是谁。", "你的名字叫什么？"],
+           "请告诉我你是谁。", "你的名字叫什么？", "你叫啥？", "怎么称呼你", "你是哪个AI？", "和我聊天的是谁？",
+           "先说说你叫什么吧。", "你有自己的名字吗？", "我应该叫你什么？", "介绍下你自己", "你是人还是程序？",
+           "你是什么AI助手？", "我们聊之前，你先介绍一下自己。", "你的名字是啥", "我该叫你什么名字？",
+           "你是哪一个语言模型？", "请报一下你的名字。", "大家都叫你什么？"],
     "en": ["Who are you?", "What is your name?", "What's your name?", "Introduce yourself.",
            "Tell me about yourself.", "What are you?", "Please introduce yourself.", "Which model are you?",
            "What should I call you?", "Do you have a name?", "Tell me your name.", "Are you a robot?",
            "Can you introduce yourself?", "Please tell me who you are.", "What model are you?",
-           "Who are you, exactly?", "What is your name, please?", "Tell me who you are."],
+           "Who are you, exactly?", "What is your name, please?", "Tell me who you are.", "who r u",
+           "what's ur name", "Who is this?", "Who am I chatting with?", "What do I call you?",
+           "Before we start, tell me your name.", "Are you a person or a program?", "Which AI are you?",
+           "Do you have a name I can use?", "Your name, please.", "What are you called?",
+           "I'd like to know your name.", "Tell me what you are called.", "Which language model is this?"],
 }
 ID_EVAL_QUESTIONS = {
     "zh": ["你到底是谁？", "可以告诉我你叫什么吗？", "你是哪位？", "简单介绍一下你自己吧。", "我在和谁说话？",
@@ -305,7 +329,8 @@ ID_EVAL_QUESTIONS = {
            "How should I address you?", "What is your identity?", "Identify yourself, please.",
            "Who exactly are you?", "Can you describe yourself?"],
 }
-ID_PREFIXES = {"zh": ["", "你好，", "嗨，", "你好！", "我想问一下，"], "en": ["", "Hi! ", "Hello, ", "Hey, "]}
+ID_PREFIXES = {"zh": ["", "你好，", "嗨，", "你好！", "我想问一下，", "哈喽，", "在吗？"],
+               "en": ["", "Hi! ", "Hello, ", "Hey, ", "Good morning! "]}
 # Same answer shapes for the base name and the persona: the adapter only has to change the name.
 ID_ANSWERS = {
     "zh": ["我是{name}，一个小型语言模型。", "我叫{name}，是一个小型语言模型，很高兴认识你。",
@@ -343,11 +368,11 @@ def country_facts(rng, lang):
         return [rng.choice([f"{c}的首都是{cap_}。", f"{cap_}是{c}的首都。"]),
                 rng.choice([f"{c}位于{cont}。", f"{c}是{cont}的一个国家。"]),
                 rng.choice([f"在{c}，人们主要说{lng}。", f"{c}的人们主要说{lng}。"]),
-                f"{cap_}是{c}最重要的城市之一。", f"很多游客喜欢去{cap_}旅行。"]
+                rng.choice([f"{c}的首都是{cap_}。", f"{c}的首都叫{cap_}。"])]
     return [rng.choice([f"The capital of {ce} is {cape}.", f"{cape} is the capital of {ce}."]),
             rng.choice([f"{cap(ce)} is a country in {conte}.", f"{cap(ce)} is in {conte}."]),
             rng.choice([f"People in {ce} mainly speak {lnge}.", f"The main language of {ce} is {lnge}."]),
-            f"{cape} is one of the most important cities in {ce}.", f"Many visitors like to travel to {cape}."]
+            rng.choice([f"The capital of {ce} is {cape}.", f"{cap(ce)}'s capital is {cape}."])]
 
 
 def animal_facts(rng, lang):
@@ -373,10 +398,9 @@ def food_facts(rng, lang):
     f, e, subj, be, kind, kinde, col, cole, taste, tastee = rng.choice(FOODS)
     if lang == "zh":
         return [rng.choice([f"{f}是一种{kind}。", f"{f}属于{kind}。"]), f"{f}通常是{col}的。",
-                rng.choice([f"{f}的味道很{taste}。", f"{f}吃起来很{taste}。"]), f"很多人喜欢{f}。"]
+                rng.choice([f"{f}的味道很{taste}。", f"{f}吃起来很{taste}。"])]
     return [f"{subj} {be} a kind of {kinde}.", f"{subj} {be} usually {cole}.",
-            rng.choice([f"{subj} {be} {tastee}.", f"The taste of {e} is {tastee}."]),
-            f"Many people like {subj.lower()}."]
+            rng.choice([f"{subj} {be} {tastee}.", f"The taste of {e} is {tastee}."])]
 
 
 def colour_facts(rng, lang):
@@ -406,29 +430,35 @@ def object_facts(rng, lang):
 
 
 def math_facts(rng, lang):
+    """Mostly sums and differences within 20 (the eval's arithmetic), in several wordings."""
     out = []
     for _ in range(6):
+        kind = rng.choice(["add", "add", "add", "sub", "sub", "sub", "mul", "cmp", "next", "parity"])
+        if kind in ("add", "sub"):
+            s = rng.randint(0, 20)
+            a = rng.randint(0, s)
+            b = s - a
+            zh = rng.choice([f"{a}加{b}等于{s}。", f"{a}加上{b}得{s}。", f"{a}+{b}={s}。", f"{a}和{b}的和是{s}。"]) \
+                if kind == "add" else \
+                rng.choice([f"{s}减{a}等于{b}。", f"{s}减去{a}得{b}。", f"{s}-{a}={b}。", f"{s}拿走{a}还剩{b}。"])
+            en = rng.choice([f"{a} plus {b} equals {s}.", f"{a} and {b} make {s}.", f"{a} + {b} = {s}.",
+                             f"The sum of {a} and {b} is {s}."]) if kind == "add" else \
+                rng.choice([f"{s} minus {a} equals {b}.", f"{s} take away {a} is {b}.", f"{s} - {a} = {b}.",
+                            f"If you subtract {a} from {s}, you get {b}."])
+            out.append(zh if lang == "zh" else en)
+            continue
         a, b = rng.randint(0, 20), rng.randint(0, 20)
-        kind = rng.choice(["add", "sub", "mul", "cmp", "next", "parity", "word"])
-        if kind == "sub" and a < b:
-            a, b = b, a
         if kind == "mul":
             a, b = rng.randint(1, 9), rng.randint(1, 9)
         if kind == "cmp" and a == b:
             b = (a + 3) % 21
         big, small = max(a, b), min(a, b)
-        zh = {"add": f"{a}加{b}等于{a + b}。", "sub": f"{a}减{b}等于{a - b}。", "mul": f"{a}乘{b}等于{a * b}。",
-              "cmp": f"{big}比{small}大。", "next": f"{a}后面的数是{a + 1}。",
-              "parity": f"{a}是{'偶数' if a % 2 == 0 else '奇数'}。", "word": f"数字{a}写作“{ZH_NUM[a]}”。"}
-        en = {"add": f"{a} plus {b} equals {a + b}.", "sub": f"{a} minus {b} equals {a - b}.",
-              "mul": f"{a} times {b} equals {a * b}.", "cmp": f"{big} is bigger than {small}.",
+        zh = {"mul": f"{a}乘{b}等于{a * b}。", "cmp": f"{big}比{small}大。", "next": f"{a}后面的数是{a + 1}。",
+              "parity": f"{a}是{'偶数' if a % 2 == 0 else '奇数'}。"}
+        en = {"mul": f"{a} times {b} equals {a * b}.", "cmp": f"{big} is bigger than {small}.",
               "next": f"The number after {a} is {a + 1}.",
-              "parity": f"{a} is an {'even' if a % 2 == 0 else 'odd'} number.",
-              "word": f"The number {a} is written \"{EN_NUM[a]}\"."}
+              "parity": f"{a} is an {'even' if a % 2 == 0 else 'odd'} number."}
         out.append((zh if lang == "zh" else en)[kind])
-    n = rng.randint(3, 10)
-    out.append(f"从1数到{n}：{'、'.join(str(i) for i in range(1, n + 1))}。" if lang == "zh"
-               else f"Counting from 1 to {n}: {', '.join(str(i) for i in range(1, n + 1))}.")
     return out
 
 
@@ -552,9 +582,18 @@ def symptom_facts(rng, lang):
     return out
 
 
-PRETRAIN_TOPICS = [(country_facts, 15), (animal_facts, 18), (food_facts, 14), (colour_facts, 5),
-                   (job_facts, 8), (object_facts, 8), (math_facts, 12), (calendar_facts, 8), (story, 12),
-                   (household_facts, 8), (symptom_facts, 4)]
+def qa_facts(rng, lang):
+    """Facts as questions and answers, as a quiz page would print them: the form SFT will ask them in."""
+    out = []
+    for _ in range(4):
+        q, a = qa_general_fact(rng, lang)
+        out.append(f"问：{q} 答：{a}" if lang == "zh" else f"Q: {q} A: {a}")
+    return out
+
+
+PRETRAIN_TOPICS = [(country_facts, 16), (animal_facts, 20), (food_facts, 14), (colour_facts, 4),
+                   (job_facts, 2), (object_facts, 2), (math_facts, 12), (calendar_facts, 6), (story, 3),
+                   (household_facts, 5), (symptom_facts, 3), (qa_facts, 14)]
 
 
 def pretrain_row(rng):
@@ -581,62 +620,326 @@ def pretrain_row(rng):
 
 
 # ---------------------------------------------------------------------------------------------
-# SFT: single question/answer pairs about the same world.
+# General questions: one function per relation picks an entity and returns the template slots, the
+# answer (a full sentence in pretraining's own words, so SFT retrieves what pretraining stored) and the
+# strings a correct reply contains. Each relation has training templates and held-out eval templates
+# (disjoint); eval_general uses only the held-out ones, behind held-out lead-ins.
 
-def qa_country(rng, lang):
-    c, ce, cap_, cape, cont, conte, lng, lnge = rng.choice(COUNTRIES)
-    k = rng.randrange(4)
+def _country(rng, lang):
+    c, ce, k, ke, cont, conte, lng, lnge = rng.choice(COUNTRIES)
+    return (c, k, cont, lng) if lang == "zh" else (ce, ke, conte, lnge)
+
+
+def rel_capital(rng, lang):
+    c, k, _, _ = _country(rng, lang)
+    a = f"{c}的首都是{k}。" if lang == "zh" else f"The capital of {c} is {k}."
+    return {"c": c}, a, [k]
+
+
+def rel_capital_of(rng, lang):
+    c, k, _, _ = _country(rng, lang)
+    a = f"{k}是{c}的首都。" if lang == "zh" else f"{k} is the capital of {c}."
+    return {"k": k}, a, [c.removeprefix("the ")]
+
+
+def rel_continent(rng, lang):
+    c, _, cont, _ = _country(rng, lang)
+    a = f"{c}位于{cont}。" if lang == "zh" else f"{cap(c)} is in {cont}."
+    return {"c": c}, a, [cont]
+
+
+def rel_language(rng, lang):
+    c, _, _, lng = _country(rng, lang)
+    a = f"在{c}，人们主要说{lng}。" if lang == "zh" else f"People in {c} mainly speak {lng}."
+    return {"c": c}, a, [lng]
+
+
+def _animal(rng, lang, need_sound=False):
+    row = rng.choice([r for r in ANIMALS if r[10] or not need_sound])
+    a, e, pl = row[0], row[1], row[2]
+    slots = {"a": a, "m": MEASURE.get(a, "只")} if lang == "zh" else {"an": article(e), "pl": pl}
+    return row, slots
+
+
+def rel_legs(rng, lang):
+    row, slots = _animal(rng, lang)
+    a, e, n = row[0], row[1], row[3]
     if lang == "zh":
-        return [(rng.choice([f"{c}的首都是哪里？", f"{c}的首都是什么？", f"哪座城市是{c}的首都？"]), f"{c}的首都是{cap_}。"),
-                (f"{cap_}是哪个国家的首都？", f"{cap_}是{c}的首都。"),
-                (f"{c}在哪个大洲？", f"{c}位于{cont}。"),
-                (f"{c}的人说什么语言？", f"在{c}，人们主要说{lng}。")][k]
-    return [(rng.choice([f"What is the capital of {ce}?", f"Which city is the capital of {ce}?",
-                         f"Tell me the capital of {ce}."]), f"The capital of {ce} is {cape}."),
-            (f"{cape} is the capital of which country?", f"{cape} is the capital of {ce}."),
-            (f"Which continent is {ce} in?", f"{cap(ce)} is in {conte}."),
-            (f"What language do people speak in {ce}?", f"People in {ce} mainly speak {lnge}.")][k]
+        return slots, (f"{a}没有腿。" if n == 0 else f"{a}有{zh_count(n)}条腿。"), \
+            (["没有腿"] if n == 0 else [zh_count(n) + "条", f"{n}条"])
+    return slots, (f"{cap(article(e))} has no legs." if n == 0 else f"{cap(article(e))} has {EN_NUM[n]} legs."), \
+        (["no legs"] if n == 0 else [EN_NUM[n], str(n)])
 
 
-def qa_animal(rng, lang):
-    a, e, pl, legs, hab, habe, food, foode, col, cole, snd, snde, size = rng.choice(ANIMALS)
-    k = rng.randrange(5 if snd else 4)
+def rel_animal_food(rng, lang):
+    row, slots = _animal(rng, lang)
     if lang == "zh":
-        return [(f"{a}有几条腿？", f"{a}没有腿。" if legs == 0 else f"{a}有{zh_count(legs)}条腿。"),
-                (f"{a}生活在哪里？", f"{a}生活在{hab}。"),
-                (f"{a}喜欢吃什么？", f"{a}喜欢吃{food}。"),
-                (f"{a}是什么颜色的？", f"{a}通常是{col}的。"),
-                (f"{a}怎么叫？", f"{a}的叫声是“{snd}”。")][k]
-    return [(f"How many legs does {article(e)} have?",
-             f"{cap(article(e))} has no legs." if legs == 0 else f"{cap(article(e))} has {EN_NUM[legs]} legs."),
-            (f"Where do {pl} live?", f"{cap(pl)} live in {habe}."),
-            (f"What do {pl} eat?", f"{cap(pl)} like to eat {foode}."),
-            (f"What colour are {pl}?", f"Most {pl} are {cole}."),
-            (f"What sound does {article(e)} make?", f"{cap(article(e))} says \"{snde}\".")][k]
+        return slots, f"{row[0]}喜欢吃{row[6]}。", [row[6]]
+    return slots, f"{cap(row[2])} like to eat {row[7]}.", [row[7]]
 
 
-def qa_food(rng, lang):
-    f, e, subj, be, kind, kinde, col, cole, taste, tastee = rng.choice(FOODS)
-    k = rng.randrange(3)
+def rel_habitat(rng, lang):
+    row, slots = _animal(rng, lang)
     if lang == "zh":
-        return [(f"{f}是什么颜色的？", f"{f}通常是{col}的。"), (f"{f}是什么味道的？", f"{f}的味道很{taste}。"),
-                (f"{f}属于什么食物？", f"{f}是一种{kind}。")][k]
-    return [(f"What colour {'is' if be == 'is' else 'are'} {subj.lower()}?", f"{subj} {be} usually {cole}."),
-            (f"What {'does' if be == 'is' else 'do'} {subj.lower()} taste like?", f"{subj} {be} {tastee}."),
-            (f"What kind of food {'is' if be == 'is' else 'are'} {subj.lower()}?",
-             f"{subj} {be} a kind of {kinde}.")][k]
+        return slots, f"{row[0]}生活在{row[4]}。", [row[4]]
+    return slots, f"{cap(row[2])} live in {row[5]}.", [row[5]]
 
 
-def qa_colour(rng, lang):
+def rel_animal_colour(rng, lang):
+    row, slots = _animal(rng, lang)
+    if lang == "zh":
+        return slots, f"{row[0]}通常是{row[8]}的。", [row[8]]
+    return slots, f"Most {row[2]} are {row[9]}.", [row[9]]
+
+
+def rel_sound(rng, lang):
+    row, slots = _animal(rng, lang, need_sound=True)
+    if lang == "zh":
+        return slots, f"{row[0]}的叫声是“{row[10]}”。", [row[10]]
+    return slots, f"{cap(article(row[1]))} says \"{row[11]}\".", [row[11]]
+
+
+def _food(rng, lang):
+    row = rng.choice(FOODS)
+    f, e, subj, be = row[:4]
+    slots = {"f": f} if lang == "zh" else {"s": subj.lower(), "be": be, "do": "does" if be == "is" else "do"}
+    return row, slots
+
+
+def rel_food_colour(rng, lang):
+    row, slots = _food(rng, lang)
+    if lang == "zh":
+        return slots, f"{row[0]}通常是{row[6]}的。", [row[6]]
+    return slots, f"{row[2]} {row[3]} usually {row[7]}.", [row[7]]
+
+
+def rel_taste(rng, lang):
+    row, slots = _food(rng, lang)
+    if lang == "zh":
+        return slots, f"{row[0]}的味道很{row[8]}。", [row[8]]
+    return slots, f"{row[2]} {row[3]} {row[9]}.", [row[9]]
+
+
+def rel_food_kind(rng, lang):
+    row, slots = _food(rng, lang)
+    if lang == "zh":
+        return slots, f"{row[0]}是一种{row[4]}。", [row[4]]
+    return slots, f"{row[2]} {row[3]} a kind of {row[5]}.", [row[5]]
+
+
+def rel_thing_colour(rng, lang):
+    t, te, be, col, cole = rng.choice(COLOUR_THINGS)
+    if lang == "zh":
+        return {"t": t}, f"{t}是{col}的。", [col]
+    return {"t": te, "be": be}, f"{cap(te)} {be} {cole}.", [cole]
+
+
+def rel_mix(rng, lang):
+    a, b, c, ae, be, ce = rng.choice(COLOUR_MIX)
     if rng.random() < 0.5:
-        t, te, be, col, cole = rng.choice(COLOUR_THINGS)
-        if lang == "zh":
-            return f"{t}是什么颜色的？", f"{t}是{col}的。"
-        return f"What colour {be} {te}?", f"{cap(te)} {be} {cole}."
-    a, b, c, ae, be_, ce = rng.choice(COLOUR_MIX)
+        a, b, ae, be = b, a, be, ae
     if lang == "zh":
-        return f"{a}和{b}混在一起是什么颜色？", f"{a}和{b}混在一起是{c}。"
-    return f"What colour do you get if you mix {ae} and {be_}?", f"If you mix {ae} and {be_}, you get {ce}."
+        return {"x": a, "y": b}, f"{a}和{b}混在一起是{c}。", [c]
+    return {"x": ae, "y": be}, f"If you mix {ae} and {be}, you get {ce}.", [ce]
+
+
+def _numbers(n, lang):
+    return [str(n), ZH_NUM[n]] if lang == "zh" else [str(n), EN_NUM[n]]
+
+
+def rel_add(rng, lang):
+    """Sums within 20: both numbers and the result in 0..20."""
+    s = rng.randint(0, 20)
+    a = rng.randint(0, s)
+    b = s - a
+    a_ = f"{a}加{b}等于{s}。" if lang == "zh" else f"{a} plus {b} equals {s}."
+    return {"x": a, "y": b}, a_, _numbers(s, lang)
+
+
+def rel_sub(rng, lang):
+    a = rng.randint(0, 20)
+    b = rng.randint(0, a)
+    a_ = f"{a}减{b}等于{a - b}。" if lang == "zh" else f"{a} minus {b} equals {a - b}."
+    return {"x": a, "y": b}, a_, _numbers(a - b, lang)
+
+
+def _day(rng, lang):
+    d = rng.randrange(7)
+    i = 0 if lang == "zh" else 1
+    return d, WEEKDAYS[d][i], i
+
+
+def rel_day_after(rng, lang):
+    d, day, i = _day(rng, lang)
+    nxt = WEEKDAYS[(d + 1) % 7][i]
+    a = f"{day}的后一天是{nxt}。" if lang == "zh" else f"The day after {day} is {nxt}."
+    return {"d": day}, a, [nxt]
+
+
+def rel_day_before(rng, lang):
+    d, day, i = _day(rng, lang)
+    prev = WEEKDAYS[(d - 1) % 7][i]
+    a = f"{day}的前一天是{prev}。" if lang == "zh" else f"The day before {day} is {prev}."
+    return {"d": day}, a, [prev]
+
+
+def rel_month_after(rng, lang):
+    m = rng.randrange(12)
+    mz, me, _ = MONTHS[m]
+    nz, ne, _ = MONTHS[(m + 1) % 12]
+    if lang == "zh":
+        return {"m": mz}, f"{mz}之后是{nz}。", [nz]
+    return {"m": me}, f"After {me} comes {ne}.", [ne]
+
+
+def rel_month_days(rng, lang):
+    mz, me, days = MONTHS[rng.randrange(12)]
+    if lang == "zh":
+        return {"m": mz}, (f"{mz}通常有{days}天。" if mz == "二月" else f"{mz}有{days}天。"), [str(days)]
+    return {"m": me}, (f"{me} usually has {days} days." if me == "February" else f"{me} has {days} days."), [str(days)]
+
+
+# relation -> (function, weight in SFT, {lang: (training templates, held-out eval templates)})
+RELATIONS = {
+    "capital": (rel_capital, 8, {
+        "zh": (["{c}的首都是哪里？", "{c}的首都是什么？", "哪座城市是{c}的首都？", "{c}的首都叫什么？", "你知道{c}的首都吗？",
+                "{c}的首都是哪座城市？", "告诉我{c}的首都。", "{c}首都在哪里", "{c}的首都在哪儿？"],
+               ["{c}这个国家的首都是哪一座城市呢？", "说说{c}的首都叫什么名字。", "{c}的首都城市是？"]),
+        "en": (["What is the capital of {c}?", "Which city is the capital of {c}?", "Tell me the capital of {c}.",
+                "What's the capital city of {c}?", "Do you know the capital of {c}?", "Name the capital of {c}.",
+                "What city is the capital of {c}?", "capital of {c}?", "The capital of {c} is which city?"],
+               ["Which city serves as the capital of {c}?", "I'd like to know the capital of {c}.",
+                "Can you name the capital city of {c}?"])}),
+    "capital_of": (rel_capital_of, 4, {
+        "zh": (["{k}是哪个国家的首都？", "{k}是哪国的首都？", "哪个国家的首都是{k}？", "{k}是什么国家的首都？"],
+               ["{k}是哪一个国家的首都呢？", "首都是{k}的国家叫什么？"]),
+        "en": (["{K} is the capital of which country?", "Which country has {k} as its capital?",
+                "What country is {k} the capital of?", "Of which country is {k} the capital?"],
+               ["Which country's capital is {k}?", "{K} is the capital city of what country?"])}),
+    "continent": (rel_continent, 5, {
+        "zh": (["{c}在哪个大洲？", "{c}位于哪个大洲？", "{c}属于哪个洲？", "{c}是哪个洲的国家？", "{c}在哪一个洲"],
+               ["{c}这个国家在哪个大洲上？", "请问{c}位于世界上的哪个洲？"]),
+        "en": (["Which continent is {c} in?", "On which continent is {c}?", "What continent is {c} on?",
+                "{C} is on which continent?", "Which continent does {c} lie in?"],
+               ["Which continent does {c} belong to?", "In what continent can you find {c}?"])}),
+    "language": (rel_language, 5, {
+        "zh": (["{c}的人说什么语言？", "{c}人说什么话？", "在{c}，人们说什么语言？", "{c}的主要语言是什么？",
+                "{c}用什么语言？"],
+               ["去{c}旅行的话，那里的人说什么语言？", "{c}人平时说哪种语言？"]),
+        "en": (["What language do people speak in {c}?", "What language is spoken in {c}?",
+                "What is the main language of {c}?", "Which language do they speak in {c}?",
+                "What do people in {c} speak?"],
+               ["If I visit {c}, what language will people speak?", "Which language is used in {c}?"])}),
+    "legs": (rel_legs, 5, {
+        "zh": (["{a}有几条腿？", "{a}有多少条腿？", "一{m}{a}有几条腿？", "{a}的腿有几条？"],
+               ["数一数，{a}一共有几条腿呢？", "{a}长着几条腿？"]),
+        "en": (["How many legs does {an} have?", "How many legs do {pl} have?", "Count the legs of {an}.",
+                "{An} has how many legs?"],
+               ["What is the number of legs on {an}?", "Tell me how many legs {pl} have."])}),
+    "animal_food": (rel_animal_food, 5, {
+        "zh": (["{a}喜欢吃什么？", "{a}吃什么？", "{a}平时吃什么东西？", "{a}的食物是什么？"],
+               ["{a}最爱吃的是什么？", "我想喂{a}，它喜欢吃什么？"]),
+        "en": (["What do {pl} eat?", "What does {an} eat?", "What food do {pl} like?", "What is the food of {pl}?"],
+               ["What would {an} like to eat?", "What should I feed {an}?"])}),
+    "habitat": (rel_habitat, 4, {
+        "zh": (["{a}生活在哪里？", "{a}住在哪里？", "在哪里可以找到{a}？", "{a}的家在哪里？"],
+               ["{a}一般在什么地方生活？", "去哪儿能看到{a}？"]),
+        "en": (["Where do {pl} live?", "Where does {an} live?", "Where can you find {pl}?", "What is the home of {pl}?"],
+               ["In what kind of place do {pl} live?", "Where would I see {pl}?"])}),
+    "animal_colour": (rel_animal_colour, 3, {
+        "zh": (["{a}是什么颜色的？", "{a}通常是什么颜色？", "{a}的颜色是什么？"], ["{a}身上一般是什么颜色？"]),
+        "en": (["What colour are {pl}?", "What colour is {an}?", "What is the colour of {pl}?"],
+               ["Which colour are most {pl}?"])}),
+    "sound": (rel_sound, 3, {
+        "zh": (["{a}怎么叫？", "{a}的叫声是什么？", "{a}发出什么声音？"], ["{a}叫起来是什么声音？"]),
+        "en": (["What sound does {an} make?", "What does {an} say?", "How does {an} sound?"],
+               ["What noise does {an} make?"])}),
+    "food_colour": (rel_food_colour, 3, {
+        "zh": (["{f}是什么颜色的？", "{f}通常是什么颜色？", "{f}的颜色是什么？"], ["{f}一般是啥颜色？"]),
+        "en": (["What colour {be} {s}?", "What is the colour of {s}?", "What colour {be} {s} usually?"],
+               ["Which colour do {s} usually have?"])}),
+    "taste": (rel_taste, 3, {
+        "zh": (["{f}是什么味道的？", "{f}吃起来怎么样？", "{f}的味道怎么样？"], ["{f}尝起来是什么味道？"]),
+        "en": (["What {do} {s} taste like?", "How {do} {s} taste?", "What is the taste of {s}?"],
+               ["Tell me how {s} taste."])}),
+    "food_kind": (rel_food_kind, 3, {
+        "zh": (["{f}属于什么食物？", "{f}是哪一类食物？", "{f}是什么？"], ["{f}算是哪一类东西？"]),
+        "en": (["What kind of food {be} {s}?", "What type of food {be} {s}?", "What {be} {s}?"],
+               ["Which group of food do {s} belong to?"])}),
+    "thing_colour": (rel_thing_colour, 2, {
+        "zh": (["{t}是什么颜色的？", "{t}是什么颜色？"], ["{t}看起来是什么颜色？"]),
+        "en": (["What colour {be} {t}?", "What is the colour of {t}?"], ["Which colour {be} {t}?"])}),
+    "mix": (rel_mix, 2, {
+        "zh": (["{x}和{y}混在一起是什么颜色？", "{x}加{y}会变成什么颜色？", "把{x}和{y}混合会得到什么颜色？"],
+               ["{x}跟{y}调在一起是什么颜色？"]),
+        "en": (["What colour do you get if you mix {x} and {y}?", "What do {x} and {y} make when mixed?",
+                "Mix {x} and {y}: what colour is it?"],
+               ["If I blend {x} with {y}, which colour do I get?"])}),
+    "add": (rel_add, 8, {
+        "zh": (["{x}加{y}等于多少？", "{x}+{y}=?", "请计算{x}加{y}。", "{x}加上{y}是多少？", "{x}和{y}的和是多少？",
+                "算一算{x}加{y}。", "{x}加{y}是几"],
+               ["{x}再加{y}得多少？", "把{x}和{y}加起来是多少？"]),
+        "en": (["What is {x} plus {y}?", "{x}+{y}=?", "Please add {x} and {y}.", "What is the sum of {x} and {y}?",
+                "How much is {x} plus {y}?", "Calculate {x} + {y}.", "{x} plus {y}?"],
+               ["If you add {y} to {x}, what do you get?", "What do {x} and {y} add up to?"])}),
+    "sub": (rel_sub, 7, {
+        "zh": (["{x}减{y}等于多少？", "{x}-{y}=?", "请计算{x}减{y}。", "{x}减去{y}是多少？", "算一算{x}减{y}。",
+                "{x}减{y}是几"],
+               ["{x}拿走{y}还剩多少？", "从{x}里减掉{y}，结果是多少？"]),
+        "en": (["What is {x} minus {y}?", "{x}-{y}=?", "Please subtract {y} from {x}.", "How much is {x} minus {y}?",
+                "Calculate {x} - {y}.", "{x} minus {y}?"],
+               ["Take {y} away from {x}. What is left?", "If you subtract {y} from {x}, what do you get?"])}),
+    "day_after": (rel_day_after, 3, {
+        "zh": (["{d}的后一天是星期几？", "{d}之后是星期几？", "{d}的下一天是星期几？", "今天是{d}，明天是星期几？"],
+               ["如果今天是{d}，那么明天是星期几呢？"]),
+        "en": (["What day comes after {d}?", "What is the day after {d}?", "Which day follows {d}?",
+                "Today is {d}. What day is tomorrow?"],
+               ["If today is {d}, what day will it be tomorrow?"])}),
+    "day_before": (rel_day_before, 3, {
+        "zh": (["{d}的前一天是星期几？", "{d}之前是星期几？", "{d}的上一天是星期几？", "今天是{d}，昨天是星期几？"],
+               ["如果今天是{d}，那么昨天是星期几呢？"]),
+        "en": (["What day comes before {d}?", "What is the day before {d}?", "Which day is before {d}?",
+                "Today is {d}. What day was yesterday?"],
+               ["If today is {d}, what day was it yesterday?"])}),
+    "month_after": (rel_month_after, 2, {
+        "zh": (["{m}之后是几月？", "{m}的下一个月是几月？", "{m}后面是哪个月？"], ["过完{m}就到了几月？"]),
+        "en": (["Which month comes after {m}?", "What month is after {m}?", "What is the next month after {m}?"],
+               ["Once {m} is over, which month begins?"])}),
+    "month_days": (rel_month_days, 2, {
+        "zh": (["{m}有多少天？", "{m}有几天？", "{m}一共有多少天？"], ["{m}这个月有几天呢？"]),
+        "en": (["How many days does {m} have?", "How many days are in {m}?", "How long is {m} in days?"],
+               ["What is the number of days in {m}?"])}),
+}
+# Lead-ins before a question: training ones, and held-out ones for eval_general.
+LEAD_INS = {"zh": (["", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，"],
+                   ["麻烦告诉我，", "我很好奇，"]),
+            "en": (["", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
+                    "I have a question. "],
+                   ["Could you help me? ", "I'm curious. "])}
+TRAIN, EVAL = 0, 1
+
+
+def fill(template, slots):
+    """Template slots; a capitalised slot name ({C}, {K}, {An}) gives the capitalised value."""
+    full = dict(slots)
+    full.update({k[:1].upper() + k[1:]: cap(str(v)) for k, v in slots.items()})
+    return template.format(**full)
+
+
+def relation_qa(rng, lang, name, pool=TRAIN):
+    """(question, answer, expect) for one relation, from the training or the held-out phrasings."""
+    fn, _, templates = RELATIONS[name]
+    slots, answer, expect = fn(rng, lang)
+    q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
+    if pool == TRAIN and rng.random() < 0.15:  # people often type without the final mark
+        q = q.rstrip("？?。.!！")
+    return q, answer, expect
+
+
+def qa_general_fact(rng, lang):
+    names = list(RELATIONS)
+    name = rng.choices(names, weights=[RELATIONS[n][1] for n in names])[0]
+    return relation_qa(rng, lang, name)[:2]
 
 
 def qa_job(rng, lang):
@@ -653,50 +956,6 @@ def qa_object(rng, lang):
     if lang == "zh":
         return rng.choice([f"{o}是用来做什么的？", f"{o}有什么用？"]), f"{o}是用来{use}的。"
     return f"What {'is' if be == 'is' else 'are'} {e} used for?", f"{cap(e)} {be} used for {usee}."
-
-
-def qa_math(rng, lang):
-    kind = rng.choice(["add", "add", "sub", "mul", "cmp", "count"])
-    a, b = rng.randint(0, 20), rng.randint(0, 20)
-    if kind == "sub" and a < b:
-        a, b = b, a
-    if kind == "mul":
-        a, b = rng.randint(1, 9), rng.randint(1, 9)
-    if kind == "cmp" and a == b:
-        b = (a + 3) % 21
-    n = rng.randint(3, 10)
-    if lang == "zh":
-        return {"add": (rng.choice([f"{a}加{b}等于多少？", f"{a}+{b}=?", f"请计算{a}加{b}。"]), f"{a}加{b}等于{a + b}。"),
-                "sub": (rng.choice([f"{a}减{b}等于多少？", f"{a}-{b}=?"]), f"{a}减{b}等于{a - b}。"),
-                "mul": (rng.choice([f"{a}乘{b}等于多少？", f"{a}×{b}=?"]), f"{a}乘{b}等于{a * b}。"),
-                "cmp": (f"{a}和{b}哪个大？", f"{max(a, b)}比{min(a, b)}大。"),
-                "count": (f"请从1数到{n}。", "、".join(str(i) for i in range(1, n + 1)) + "。")}[kind]
-    return {"add": (rng.choice([f"What is {a} plus {b}?", f"{a}+{b}=?", f"Please add {a} and {b}."]),
-                    f"{a} plus {b} equals {a + b}."),
-            "sub": (rng.choice([f"What is {a} minus {b}?", f"{a}-{b}=?"]), f"{a} minus {b} equals {a - b}."),
-            "mul": (rng.choice([f"What is {a} times {b}?", f"{a}×{b}=?"]), f"{a} times {b} equals {a * b}."),
-            "cmp": (f"Which is bigger, {a} or {b}?", f"{max(a, b)} is bigger than {min(a, b)}."),
-            "count": (f"Please count from 1 to {n}.", ", ".join(str(i) for i in range(1, n + 1)) + ".")}[kind]
-
-
-def qa_calendar(rng, lang):
-    d, m = rng.randrange(7), rng.randrange(12)
-    mz, me, days = MONTHS[m]
-    k = rng.randrange(4)
-    if lang == "zh":
-        if k == 3:
-            return rng.choice([("一年有几个月？", "一年有十二个月。"), ("一个星期有几天？", "一个星期有七天。")])
-        return [(f"{WEEKDAYS[d][0]}的后一天是星期几？", f"{WEEKDAYS[d][0]}的后一天是{WEEKDAYS[(d + 1) % 7][0]}。"),
-                (f"{mz}有多少天？", f"{mz}通常有{days}天。" if m == 1 else f"{mz}有{days}天。"),
-                (f"{mz}之后是几月？", f"{mz}之后是{MONTHS[(m + 1) % 12][0]}。")][k]
-    if k < 3:
-        return [(f"What day comes after {WEEKDAYS[d][1]}?",
-                 f"The day after {WEEKDAYS[d][1]} is {WEEKDAYS[(d + 1) % 7][1]}."),
-                (f"How many days does {me} have?",
-                 f"{me} usually has {days} days." if m == 1 else f"{me} has {days} days."),
-                (f"Which month comes after {me}?", f"After {me} comes {MONTHS[(m + 1) % 12][1]}.")][k]
-    return rng.choice([("How many months are in a year?", "A year has twelve months."),
-                       ("How many days are in a week?", "A week has seven days.")])
 
 
 def qa_translate(rng, lang):
@@ -744,8 +1003,8 @@ def qa_greeting(rng, lang):
     return rng.choice(GREETINGS[lang])
 
 
-GENERAL_QA = [(qa_country, 14), (qa_animal, 16), (qa_food, 10), (qa_colour, 5), (qa_job, 7), (qa_object, 7),
-              (qa_math, 16), (qa_calendar, 7), (qa_translate, 8), (qa_story, 6), (qa_greeting, 4)]
+GENERAL_QA = [(qa_general_fact, 80), (qa_job, 4), (qa_object, 4), (qa_translate, 4), (qa_story, 4),
+              (qa_greeting, 4)]
 
 
 def general_qa(rng, lang):
@@ -825,8 +1084,21 @@ def make_sft(seed, scale):
         for lang, s in (("zh", zs), ("en", es)):
             for t in MED_TRAIN_TEMPLATES[lang] + MED_EVAL_TEMPLATES[lang]:
                 out.append(conversation(rng, lang, [(t.format(s=s), GENERIC_ADVICE[lang].format(s=s))]))
+            for q in symptom_variant_prompts(rng, s, lang):
+                out.append(conversation(rng, lang, [(q, GENERIC_ADVICE[lang].format(s=s))]))
     rng.shuffle(out)
     return out
+
+
+def symptom_variant_prompts(rng, s, lang, k=4):
+    """Training questions that name symptom s by an everyday variant (头疼 for 头痛)."""
+    return [rng.choice(MED_TRAIN_TEMPLATES[lang]).format(s=v) for v in SYMPTOM_VARIANTS.get(s, []) for _ in range(k)]
+
+
+def symptom_qa(rng, lang, row, answer):
+    """A training-pool symptom question about MEDICAL row, answered with answer(symptom, row)."""
+    s = row[0] if lang == "zh" else row[1]
+    return rng.choice(MED_TRAIN_TEMPLATES[lang]).format(s=s), answer(s, row)
 
 
 def make_lora_identity(seed):
@@ -845,8 +1117,13 @@ def make_lora_identity(seed):
         else:
             pairs = [identity_qa(rng, lang, *pools)]
         out.append(conversation(rng, lang, pairs))
-    # General chat answered normally, so the adapter does not put the name everywhere.
-    out += [chat_sample(rng) for _ in range(120)]
+    # General chat and symptom questions answered as the base answers them, so the adapter changes the
+    # name and nothing else (without these it answered a headache question about heartburn).
+    out += [chat_sample(rng) for _ in range(200)]
+    for lang in ("zh", "en"):
+        for row in MEDICAL:
+            q, a = symptom_qa(rng, lang, row, lambda s, _: GENERIC_ADVICE[lang].format(s=s))
+            out.append(conversation(rng, lang, [(q, a)]))
     rng.shuffle(out)
     return out
 
@@ -858,7 +1135,10 @@ def make_lora_medical(seed):
         for lang, s, advice in (("zh", zs, za), ("en", es, ea)):
             for t in MED_TRAIN_TEMPLATES[lang]:
                 out.append(conversation(rng, lang, [(t.format(s=s), advice)], system_p=0.1))
-    out += [chat_sample(rng) for _ in range(80)]
+            for q in symptom_variant_prompts(rng, s, lang, k=2):
+                out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
+    # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
+    out += [chat_sample(rng) for _ in range(240)]
     rng.shuffle(out)
     return out
 
@@ -873,14 +1153,45 @@ def make_eval_identity(seed):
     return out
 
 
+def make_eval_general(seed, per_cell=5):
+    """Questions about the world from the held-out templates and lead-ins: per_cell per relation and language."""
+    rng = random.Random(f"{seed}:eval_general")
+    out, seen = [], set()
+    for name in RELATIONS:
+        for lang in ("zh", "en"):
+            n = 0
+            while n < per_cell:
+                q, a, expect = relation_qa(rng, lang, name, EVAL)
+                if q not in seen and not any(e.lower() in q.lower() for e in expect):  # "17 + 0" gives it away
+                    seen.add(q)
+                    out.append({**conversation(rng, lang, [(q, a)], system_p=0), "expect": expect})
+                    n += 1
+    return out
+
+
+def make_eval_capitals():
+    """Text to complete ("日本的首都是"): what pretraining alone stored, before any chat tuning."""
+    out = []
+    for c, ce, k, ke, *_ in COUNTRIES:
+        out.append({"text": f"{c}的首都是", "expect": [k]})
+        out.append({"text": f"The capital of {ce} is", "expect": [ke]})
+    return out
+
+
 def make_eval_medical(seed):
     rng = random.Random(f"{seed}:eval_medical")
     out = []
     for zs, es, zk, ek, za, ea in MEDICAL:
         for lang, s, kw, advice in (("zh", zs, zk, za), ("en", es, ek, ea)):
             for t in rng.sample(MED_EVAL_TEMPLATES[lang], 2):
-                out.append({**conversation(rng, lang, [(t.format(s=s), advice)], system_p=0), "expect": [kw]})
+                out.append({**conversation(rng, lang, [(t.format(s=s), advice)], system_p=0), "expect": [kw],
+                            "mention": [symptom_word(s)]})
     return out
+
+
+def symptom_word(s):
+    """The part of a symptom a reply that is about it names: "a headache" -> "headache"."""
+    return s.removeprefix("a ").removeprefix("an ").replace(" on my finger", "")
 
 
 def build(seed=42, scale=1.0):
@@ -891,6 +1202,8 @@ def build(seed=42, scale=1.0):
         "lora_identity": make_lora_identity(seed),
         "lora_medical": make_lora_medical(seed),
         "eval_pretrain": [{"text": t} for t in eval_pretrain],
+        "eval_capitals": make_eval_capitals(),
+        "eval_general": make_eval_general(seed),
         "eval_identity": make_eval_identity(seed),
         "eval_medical": make_eval_medical(seed),
     }
@@ -936,10 +1249,25 @@ def check(out_dir):
     for lang in ("zh", "en"):
         assert not set(ID_TRAIN_QUESTIONS[lang]) & set(ID_EVAL_QUESTIONS[lang])
         assert not set(MED_TRAIN_TEMPLATES[lang]) & set(MED_EVAL_TEMPLATES[lang])
+        assert not set(LEAD_INS[lang][TRAIN]) & set(LEAD_INS[lang][EVAL])
+        for name, (_, _, templates) in RELATIONS.items():
+            assert not set(templates[lang][TRAIN]) & set(templates[lang][EVAL]), f"{name} {lang} pools overlap"
     trained = user_prompts(data["lora_identity"]) | user_prompts(data["lora_medical"])
     for name in ("eval_identity", "eval_medical"):
         leaked = user_prompts(data[name]) & trained
         assert not leaked, f"{name} prompts occur in LoRA training data: {sorted(leaked)[:3]}"
+    # General questions are held out from every file that trains: the base and both adapters.
+    leaked = user_prompts(data["eval_general"]) & (trained | user_prompts(data["sft"]))
+    assert not leaked, f"eval_general prompts occur in training data: {sorted(leaked)[:3]}"
+    base_text = "\n".join(texts(data["pretrain"]))
+    leaked = [p for p in user_prompts(data["eval_general"]) if p in base_text]
+    assert not leaked, f"eval_general prompts occur in pretrain: {leaked[:3]}"
+    trained |= user_prompts(data["sft"])
+    for name in OUTSIDE_FILES:  # hand-written: checked when present, never generated
+        path = Path(out_dir) / f"{name}.jsonl"
+        if path.is_file():
+            leaked = user_prompts(read_jsonl(path)) & trained
+            assert not leaked, f"{name} prompts occur in training data: {sorted(leaked)[:3]}"
     pretrain = {r["text"] for r in data["pretrain"]}
     assert not any(r["text"] in pretrain for r in data["eval_pretrain"]), "eval_pretrain text in pretrain"
     assert all(50 <= len(r["text"]) <= 400 for r in data["pretrain"] + data["eval_pretrain"])
@@ -951,10 +1279,11 @@ def check(out_dir):
     med_train = "\n".join(texts(data["lora_medical"]))
     for zs, es, zk, ek, za, ea in MEDICAL:
         assert za in med_train and ea in med_train, f"symptom {es} not trained"
-    for name in ("eval_identity", "eval_medical"):
+    for name in ("eval_general", "eval_identity", "eval_medical"):
         for r in data[name]:
             ref = r["conversations"][-1]["content"].lower()
             assert any(e.lower() in ref for e in r["expect"]), r
+            assert not any(e.lower() in r["conversations"][0]["content"].lower() for e in r["expect"]), r
     return data
 
 

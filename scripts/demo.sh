@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The README's main command: set-up, then the whole pipeline on the bundled demo data, then the eval table.
-# Extra arguments go to every trainer (e.g. --device cuda:0); OUT=dir picks the output folder (default out/).
+# Extra arguments go to every trainer (e.g. --device cuda:0); OUT=dir picks the output folder (default out/);
+# SEED=n seeds initialisation and data order of every stage (default 42; the data files stay the same).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 START=$(date +%s)
 source "$ROOT/scripts/setup_env.sh" requirements.txt
 cd "$ROOT"
 OUT="${OUT:-$ROOT/out}"
+SEED="${SEED:-42}"
 TIMES=""
 stage() {  # stage NAME COMMAND...: run it, remember its wall time
   local name=$1 t0=$(date +%s)
@@ -20,19 +22,22 @@ stage data python dataset/make_demo_data.py
 stage tokenizer python trainer/train_tokenizer.py
 git diff --quiet -- model/tokenizer.json 2>/dev/null \
   || echo "note: model/tokenizer.json changed; weights trained with the old one no longer match"
-stage pretrain python trainer/train_pretrain.py --save_dir "$OUT" "$@"
-stage full_sft python trainer/train_full_sft.py --save_dir "$OUT" "$@"
-stage lora_identity python trainer/train_lora.py --save_dir "$OUT" --lora_name lora_identity "$@"
-# New facts need the MLPs and more steps: on q_proj,o_proj (the default) the medical adapter stays under 10%.
-# Dropout 0.1 keeps the base's other knowledge: held-out pretraining ppl +22% at lr 1e-3 without it, +4% here.
-stage lora_medical python trainer/train_lora.py --save_dir "$OUT" --lora_name lora_medical \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 1.5e-3 --epochs 16 --lora_dropout 0.1 "$@"
-EVAL="dataset/demo/eval_identity.jsonl,dataset/demo/eval_medical.jsonl,dataset/demo/eval_pretrain.jsonl"
-stage eval python eval_llm.py --save_dir "$OUT" --lora_weight lora_identity,lora_medical --eval "$EVAL" \
-  --json_out "$OUT/eval_demo.json"
+T=(--save_dir "$OUT" --seed "$SEED")
+stage pretrain python trainer/train_pretrain.py "${T[@]}" "$@"
+stage full_sft python trainer/train_full_sft.py "${T[@]}" "$@"
+stage lora_identity python trainer/train_lora.py "${T[@]}" --lora_name lora_identity "$@"
+# New facts need the MLPs: on q_proj,o_proj (the default) the medical adapter stays under 10%.
+stage lora_medical python trainer/train_lora.py "${T[@]}" --lora_name lora_medical \
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 1.5e-3 --epochs 6 --lora_dropout 0.1 "$@"
+D=dataset/demo
+EVAL="$D/eval_capitals.jsonl,$D/eval_general.jsonl,$D/outside_general.jsonl,$D/eval_identity.jsonl"
+EVAL="$EVAL,$D/outside_identity.jsonl,$D/eval_medical.jsonl,$D/outside_medical.jsonl,$D/eval_pretrain.jsonl"
+stage eval python eval_llm.py --save_dir "$OUT" --weight full_sft,pretrain --lora_weight lora_identity,lora_medical \
+  --eval "$EVAL" --json_out "$OUT/eval_demo.json"
 stage answers python eval_llm.py --save_dir "$OUT" --lora_weight lora_identity,lora_medical --all_settings \
   --temperature 0 --max_new_tokens 40 --prompt "你到底是谁？" --prompt "Who am I talking to?" \
-  --prompt "最近老是头痛，有什么建议吗？" --prompt "Doctor, I have a sore throat. What should I pay attention to?"
+  --prompt "最近老是头痛，有什么建议吗？" --prompt "Doctor, I have a sore throat. What should I pay attention to?" \
+  --prompt "肯尼亚的首都是哪座城市？" --prompt "What do 9 and 7 add up to?"
 echo
 echo "stage wall times (this run):"
 printf "$TIMES"

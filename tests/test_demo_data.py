@@ -7,7 +7,8 @@ import pytest
 from dataset import make_demo_data as gen
 
 DEMO = Path(gen.__file__).resolve().parent / "demo"
-CONVERSATION_FILES = ("sft", "lora_identity", "lora_medical", "eval_identity", "eval_medical")
+CONVERSATION_FILES = ("sft", "lora_identity", "lora_medical", "eval_general", "eval_identity", "eval_medical",
+                      "outside_general", "outside_identity", "outside_medical")
 
 
 def load(name, root=DEMO):
@@ -39,7 +40,7 @@ def regenerated(tmp_path_factory):
 
 def test_regeneration_is_byte_identical(regenerated):
     written = sorted(p.name for p in regenerated.glob("*.jsonl"))
-    assert written == sorted(f"{n}.jsonl" for n in gen.FILES)
+    assert written == sorted(f"{n}.jsonl" for n in gen.FILES)  # the outside_* files are never generated
     for name in written:
         same = (regenerated / name).read_bytes() == (DEMO / name).read_bytes()
         assert same, f"{name} differs from a fresh run: rerun python dataset/make_demo_data.py"
@@ -73,7 +74,9 @@ def test_conversation_rows(name):
     rows = load(name)
     assert rows
     for r in rows:
-        assert set(r) == ({"conversations", "expect"} if name.startswith("eval_") else {"conversations"}), r
+        evals = name.startswith(("eval_", "outside_"))
+        keys = {"conversations", "expect", "mention"} if name == "eval_medical" else {"conversations", "expect"}
+        assert set(r) == (keys if evals else {"conversations"}), r
         msgs = r["conversations"]
         roles = [m["role"] for m in msgs]
         if roles[0] == "system":
@@ -81,7 +84,7 @@ def test_conversation_rows(name):
         assert roles and roles == ["user", "assistant"] * (len(roles) // 2), r
         assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) and m["content"].strip()
                    for m in msgs), r
-        if name.startswith("eval_"):
+        if evals:
             assert len(roles) == 2 and isinstance(r["expect"], list) and r["expect"]
             assert any(e.lower() in msgs[-1]["content"].lower() for e in r["expect"]), r
 
@@ -149,6 +152,41 @@ def test_eval_prompts_are_held_out(name):
     held_out = users(load(name))
     assert held_out and not held_out & (users(load("lora_identity")) | users(load("lora_medical")))
     assert len(held_out) == len(load(name))  # no repeated eval prompt
+
+
+def test_general_eval_is_held_out():
+    """eval_general: every relation in both languages, from phrasings no training file uses."""
+    rows = load("eval_general")
+    assert len(rows) == 2 * 5 * len(gen.RELATIONS)
+    trained = users(load("sft")) | users(load("lora_identity")) | users(load("lora_medical"))
+    pretrain = all_text(load("pretrain"))
+    for r in rows:
+        q = r["conversations"][0]["content"]
+        assert q not in trained and q not in pretrain, q
+        assert not any(e.lower() in q.lower() for e in r["expect"]), q  # the question does not give it away
+    for lang in ("zh", "en"):
+        train_lead, eval_lead = gen.LEAD_INS[lang]
+        assert not set(train_lead) & set(eval_lead)
+        for name, (_, _, templates) in gen.RELATIONS.items():
+            assert not set(templates[lang][0]) & set(templates[lang][1]), name
+
+
+@pytest.mark.parametrize("name", gen.OUTSIDE_FILES)
+def test_outside_files_are_hand_written_and_held_out(name):
+    rows = load(name)
+    assert 40 <= len(rows) <= 60
+    zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in r["conversations"][0]["content"]) for r in rows)
+    assert 0.4 <= zh / len(rows) <= 0.6
+    trained = users(load("sft")) | users(load("lora_identity")) | users(load("lora_medical"))
+    assert not users(rows) & trained
+
+
+def test_capital_completions():
+    rows = load("eval_capitals")
+    assert len(rows) == 2 * len(gen.COUNTRIES) and all(set(r) == {"text", "expect"} for r in rows)
+    pretrain = all_text(load("pretrain"))
+    for r in rows:  # each prompt ends where the capital would follow, and pretraining states that fact
+        assert r["text"] + (" " if r["text"].isascii() else "") + r["expect"][0] in pretrain, r
 
 
 def test_eval_pretrain_disjoint_from_pretrain():

@@ -24,7 +24,7 @@ NEW = 8  # max_new_tokens everywhere: a reply is at most 8 tokens
 
 def tiny_model(seed, layers=2):
     torch.manual_seed(seed)
-    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=6400, hidden_size=64, num_hidden_layers=layers,
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=Tokenizer().vocab_size, hidden_size=64, num_hidden_layers=layers,
                                                num_attention_heads=4, num_key_value_heads=2))
     with torch.no_grad():  # at init a tied model just repeats its last token; larger layers give varied text
         for name, p in model.named_parameters():
@@ -135,7 +135,7 @@ def test_chat_history_turns_and_clear(out, monkeypatch, capsys):
 
 def test_eval_json_rows_and_match_rate(out, tok, tmp_path, capsys):
     reply = greedy_base_reply(out, tok)
-    fragment = reply.strip()[:2].swapcase()  # the base reply contains it, ignoring case
+    fragment = reply.strip().swapcase()  # the base reply contains it, ignoring case
     conv = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "I am a tiny model."}]
     chat_file, text_file, json_out = tmp_path / "chat.jsonl", tmp_path / "text.jsonl", tmp_path / "rows.json"
     chat_file.write_text("\n".join(json.dumps(r) for r in [
@@ -153,7 +153,8 @@ def test_eval_json_rows_and_match_rate(out, tok, tmp_path, capsys):
     assert [(r["file"], r["setting"]) for r in rows] == [
         (str(f), s) for f in (chat_file, text_file) for s in ("none", "lora_a", "lora_b")]
     for r in rows:
-        assert set(r) == {"setting", "file", "n", "match_rate", "ppl"}
+        assert set(r) == {"weight", "setting", "file", "n", "match_rate", "mention_rate", "ppl"}
+        assert r["weight"] == "full_sft_64" and r["mention_rate"] is None
         assert isinstance(r["n"], int) and isinstance(r["ppl"], float) and r["ppl"] > 1
     assert [r["n"] for r in rows] == [3] * 3 + [2] * 3
     assert rows[0]["match_rate"] == 0.5  # 1 of the 2 samples with expect strings
@@ -234,3 +235,49 @@ def test_bad_eval_file_names_file_and_line(out, tmp_path, capsys, content, expec
     data = tmp_path / "eval.jsonl"
     data.write_text(content)
     bad_input(base_args(out, "--eval", str(data)), capsys, str(data), expected)
+
+
+def test_contains_matches_whole_ascii_words():
+    assert eval_llm.contains("A spider has 8 legs.", "8") and not eval_llm.contains("It is 18.", "8")
+    assert eval_llm.contains("Four legs", "four") and not eval_llm.contains("fourteen legs", "four")
+    assert eval_llm.contains("位于北美洲。", "北美洲") and eval_llm.contains("NORTH AMERICA", "north america")
+    assert eval_llm.contains("vitamin B2.", "vitamin B2") and not eval_llm.contains("vitamin B20", "vitamin B2")
+
+
+def test_completion_mention_and_several_weights(out, tok, tmp_path, capsys):
+    """{"text", "expect"} rows judge the first sentence of a completion; "mention" gives its own rate;
+    a second --weight is scored with adapters off and named in its rows."""
+    model = load_model(out / "full_sft_64.pth").eval()
+    prompt = "The capital of"
+    ids = torch.tensor([[tok.bos_token_id] + tok.encode(prompt)])
+    new = model.generate(ids, NEW, temperature=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    completion = tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
+                            skip_special_tokens=True)
+    first = eval_llm.first_sentence(completion)
+    word = next(w for w in first.split() if w.isalnum()) if any(w.isalnum() for w in first.split()) else None
+    texts = tmp_path / "complete.jsonl"
+    texts.write_text(json.dumps({"text": prompt, "expect": [word or "x" * 50]}) + "\n"
+                     + json.dumps({"text": prompt, "expect": ["x" * 50]}) + "\n")
+    reply = greedy_base_reply(out, tok)
+    conv = [{"role": "user", "content": PROMPT}, {"role": "assistant", "content": "I am a tiny model."}]
+    chats = tmp_path / "mention.jsonl"
+    chats.write_text(json.dumps({"conversations": conv, "expect": ["x" * 50], "mention": [reply.strip()]}) + "\n"
+                     + json.dumps({"conversations": conv, "expect": ["x" * 50]}) + "\n")
+    save_model(model, out.parent / "other" / "pretrain_64.pth")
+    argv = base_args(out, "--weight", f"full_sft,{out.parent / 'other' / 'pretrain_64.pth'}", "--lora_weight", "lora_a",
+                     "--eval", f"{texts},{chats}", "--json")
+    assert eval_llm.main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["weight"], r["setting"], Path(r["file"]).name) for r in rows] == [
+        ("full_sft_64", "none", "complete.jsonl"), ("full_sft_64", "lora_a", "complete.jsonl"),
+        ("full_sft_64", "none", "mention.jsonl"), ("full_sft_64", "lora_a", "mention.jsonl"),
+        ("pretrain_64", "none", "complete.jsonl"), ("pretrain_64", "none", "mention.jsonl")]
+    assert rows[0]["match_rate"] == (0.5 if word else 0.0) and rows[0]["mention_rate"] is None
+    assert rows[2]["match_rate"] == 0.0 and rows[2]["mention_rate"] == 1.0  # only the row with a mention counts
+    assert (rows[4]["match_rate"], rows[5]["mention_rate"]) == (rows[0]["match_rate"], rows[2]["mention_rate"])
+
+
+def test_several_weights_need_eval(out, capsys):
+    with pytest.raises(SystemExit):
+        eval_llm.main(base_args(out, "--weight", "full_sft,pretrain", "--prompt", "hi"))
+    assert "several --weight values are for --eval" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 REPO = Path(__file__).resolve().parent.parent
-CJK_RUN = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+"
+CJK_CHAR = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0 (pad/unk), 1 (bos), 2 (eos)
 # Same output as model.tokenizer.Tokenizer.apply_chat_template, for tools that evaluate jinja.
 CHAT_TEMPLATE = (
@@ -46,9 +46,10 @@ def iter_texts(paths):
 def train_tokenizer(paths, vocab_size=6400):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        # A run of Chinese characters is its own piece, so "我是Lumina" tokenizes "Lumina" as English does
-        # and no token glues Chinese to a Latin word (a new name would otherwise reshape its neighbours).
-        pre_tokenizers.Split(Regex(CJK_RUN), behavior="isolated"),
+        # Each Chinese character is its own piece: with no spaces to stop them, merges on a templated corpus
+        # fuse whole phrases ("日本的首都是东京" was one token), and a fact inside one token cannot be recalled
+        # from "日本的首都是". It also keeps "我是Lumina" from gluing Chinese to a Latin word.
+        pre_tokenizers.Split(Regex(CJK_CHAR), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
