@@ -357,7 +357,8 @@ def first_sentence(text: str) -> str:
 
 
 def read_eval_file(path: str, tok, args) -> EvalFile:
-    """A conversation file (generation + loss) or a {"text"} file (loss only), told by its first line."""
+    """A conversation file or a {"text"} file (told by its first line): loss on every row, generation for the
+    rows with "expect"."""
     first = None
     if Path(path).is_file():
         with open(path, "rb") as f:
