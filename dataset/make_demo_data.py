@@ -591,7 +591,7 @@ def qa_facts(rng, lang):
     return out
 
 
-PRETRAIN_TOPICS = [(country_facts, 16), (animal_facts, 20), (food_facts, 14), (colour_facts, 4),
+PRETRAIN_TOPICS = [(country_facts, 20), (animal_facts, 20), (food_facts, 14), (colour_facts, 4),
                    (job_facts, 2), (object_facts, 2), (math_facts, 12), (calendar_facts, 6), (story, 3),
                    (household_facts, 5), (symptom_facts, 3), (qa_facts, 14)]
 
@@ -803,120 +803,164 @@ def rel_month_days(rng, lang):
 RELATIONS = {
     "capital": (rel_capital, 8, {
         "zh": (["{c}的首都是哪里？", "{c}的首都是什么？", "哪座城市是{c}的首都？", "{c}的首都叫什么？", "你知道{c}的首都吗？",
-                "{c}的首都是哪座城市？", "告诉我{c}的首都。", "{c}首都在哪里", "{c}的首都在哪儿？"],
+                "{c}的首都是哪座城市？", "告诉我{c}的首都。", "{c}首都在哪里", "{c}的首都在哪儿？", "{c}的首都是哪个城市", "我忘了{c}的首都是哪里了。", "{c}的首都，你知道是哪里吗？"],
                ["{c}这个国家的首都是哪一座城市呢？", "说说{c}的首都叫什么名字。", "{c}的首都城市是？"]),
         "en": (["What is the capital of {c}?", "Which city is the capital of {c}?", "Tell me the capital of {c}.",
                 "What's the capital city of {c}?", "Do you know the capital of {c}?", "Name the capital of {c}.",
-                "What city is the capital of {c}?", "capital of {c}?", "The capital of {c} is which city?"],
+                "What city is the capital of {c}?", "capital of {c}?", "The capital of {c} is which city?", "I forgot the capital of {c}. What is it?",
+                "What is {c}'s capital?", "Which city is {c}'s capital?"],
                ["Which city serves as the capital of {c}?", "I'd like to know the capital of {c}.",
                 "Can you name the capital city of {c}?"])}),
     "capital_of": (rel_capital_of, 4, {
-        "zh": (["{k}是哪个国家的首都？", "{k}是哪国的首都？", "哪个国家的首都是{k}？", "{k}是什么国家的首都？"],
+        "zh": (["{k}是哪个国家的首都？", "{k}是哪国的首都？", "哪个国家的首都是{k}？", "{k}是什么国家的首都？", "{k}是哪个国家的首都城市？", "你知道{k}是哪国的首都吗？"],
                ["{k}是哪一个国家的首都呢？", "首都是{k}的国家叫什么？"]),
         "en": (["{K} is the capital of which country?", "Which country has {k} as its capital?",
-                "What country is {k} the capital of?", "Of which country is {k} the capital?"],
+                "What country is {k} the capital of?", "Of which country is {k} the capital?", "{K} is the capital of what country?",
+                "Do you know which country {k} is the capital of?"],
                ["Which country's capital is {k}?", "{K} is the capital city of what country?"])}),
     "continent": (rel_continent, 5, {
-        "zh": (["{c}在哪个大洲？", "{c}位于哪个大洲？", "{c}属于哪个洲？", "{c}是哪个洲的国家？", "{c}在哪一个洲"],
+        "zh": (["{c}在哪个大洲？", "{c}位于哪个大洲？", "{c}属于哪个洲？", "{c}是哪个洲的国家？", "{c}在哪一个洲", "{c}这个国家在哪个洲？", "你知道{c}在哪个大洲吗？"],
                ["{c}这个国家在哪个大洲上？", "请问{c}位于世界上的哪个洲？"]),
         "en": (["Which continent is {c} in?", "On which continent is {c}?", "What continent is {c} on?",
-                "{C} is on which continent?", "Which continent does {c} lie in?"],
+                "{C} is on which continent?", "Which continent does {c} lie in?", "{C} is in which continent?",
+                "Do you know which continent {c} is on?", "Where is {c}? Which continent?"],
                ["Which continent does {c} belong to?", "In what continent can you find {c}?"])}),
     "language": (rel_language, 5, {
         "zh": (["{c}的人说什么语言？", "{c}人说什么话？", "在{c}，人们说什么语言？", "{c}的主要语言是什么？",
-                "{c}用什么语言？"],
+                "{c}用什么语言？", "{c}人平时说什么语言？", "在{c}大家说哪种话？", "你知道{c}人说什么语言吗？"],
                ["去{c}旅行的话，那里的人说什么语言？", "{c}人平时说哪种语言？"]),
         "en": (["What language do people speak in {c}?", "What language is spoken in {c}?",
                 "What is the main language of {c}?", "Which language do they speak in {c}?",
-                "What do people in {c} speak?"],
+                "What do people in {c} speak?", "Which language is spoken in {c}?",
+                "What language will I hear in {c}?", "What do they speak in {c}?"],
                ["If I visit {c}, what language will people speak?", "Which language is used in {c}?"])}),
     "legs": (rel_legs, 5, {
-        "zh": (["{a}有几条腿？", "{a}有多少条腿？", "一{m}{a}有几条腿？", "{a}的腿有几条？"],
+        "zh": (["{a}有几条腿？", "{a}有多少条腿？", "一{m}{a}有几条腿？", "{a}的腿有几条？", "{a}一共有几条腿？", "你知道{a}有几条腿吗？"],
                ["数一数，{a}一共有几条腿呢？", "{a}长着几条腿？"]),
         "en": (["How many legs does {an} have?", "How many legs do {pl} have?", "Count the legs of {an}.",
-                "{An} has how many legs?"],
+                "{An} has how many legs?", "{An}: how many legs does it have?", "Do you know how many legs {pl} have?"],
                ["What is the number of legs on {an}?", "Tell me how many legs {pl} have."])}),
     "animal_food": (rel_animal_food, 5, {
-        "zh": (["{a}喜欢吃什么？", "{a}吃什么？", "{a}平时吃什么东西？", "{a}的食物是什么？"],
+        "zh": (["{a}喜欢吃什么？", "{a}吃什么？", "{a}平时吃什么东西？", "{a}的食物是什么？", "{a}爱吃什么？", "{a}最喜欢吃什么？"],
                ["{a}最爱吃的是什么？", "我想喂{a}，它喜欢吃什么？"]),
-        "en": (["What do {pl} eat?", "What does {an} eat?", "What food do {pl} like?", "What is the food of {pl}?"],
+        "en": (["What do {pl} eat?", "What does {an} eat?", "What food do {pl} like?", "What is the food of {pl}?", "What does {an} like to eat?", "What should {pl} be fed?"],
                ["What would {an} like to eat?", "What should I feed {an}?"])}),
     "habitat": (rel_habitat, 4, {
-        "zh": (["{a}生活在哪里？", "{a}住在哪里？", "在哪里可以找到{a}？", "{a}的家在哪里？"],
+        "zh": (["{a}生活在哪里？", "{a}住在哪里？", "在哪里可以找到{a}？", "{a}的家在哪里？", "{a}一般住在什么地方？", "在什么地方能看到{a}？"],
                ["{a}一般在什么地方生活？", "去哪儿能看到{a}？"]),
-        "en": (["Where do {pl} live?", "Where does {an} live?", "Where can you find {pl}?", "What is the home of {pl}?"],
+        "en": (["Where do {pl} live?", "Where does {an} live?", "Where can you find {pl}?", "What is the home of {pl}?", "Where can I see {pl}?", "What kind of place do {pl} live in?"],
                ["In what kind of place do {pl} live?", "Where would I see {pl}?"])}),
     "animal_colour": (rel_animal_colour, 3, {
-        "zh": (["{a}是什么颜色的？", "{a}通常是什么颜色？", "{a}的颜色是什么？"], ["{a}身上一般是什么颜色？"]),
-        "en": (["What colour are {pl}?", "What colour is {an}?", "What is the colour of {pl}?"],
+        "zh": (["{a}是什么颜色的？", "{a}通常是什么颜色？", "{a}的颜色是什么？", "{a}一般是什么颜色？"], ["{a}身上一般是什么颜色？"]),
+        "en": (["What colour are {pl}?", "What colour is {an}?", "What is the colour of {pl}?", "Which colour is {an} usually?"],
                ["Which colour are most {pl}?"])}),
     "sound": (rel_sound, 3, {
-        "zh": (["{a}怎么叫？", "{a}的叫声是什么？", "{a}发出什么声音？"], ["{a}叫起来是什么声音？"]),
-        "en": (["What sound does {an} make?", "What does {an} say?", "How does {an} sound?"],
+        "zh": (["{a}怎么叫？", "{a}的叫声是什么？", "{a}发出什么声音？", "{a}的叫声是怎样的？"], ["{a}叫起来是什么声音？"]),
+        "en": (["What sound does {an} make?", "What does {an} say?", "How does {an} sound?", "What sound do {pl} make?"],
                ["What noise does {an} make?"])}),
     "food_colour": (rel_food_colour, 3, {
-        "zh": (["{f}是什么颜色的？", "{f}通常是什么颜色？", "{f}的颜色是什么？"], ["{f}一般是啥颜色？"]),
-        "en": (["What colour {be} {s}?", "What is the colour of {s}?", "What colour {be} {s} usually?"],
+        "zh": (["{f}是什么颜色的？", "{f}通常是什么颜色？", "{f}的颜色是什么？", "{f}一般是什么颜色的？"], ["{f}一般是啥颜色？"]),
+        "en": (["What colour {be} {s}?", "What is the colour of {s}?", "What colour {be} {s} usually?", "Which colour {be} {s}?"],
                ["Which colour do {s} usually have?"])}),
     "taste": (rel_taste, 3, {
-        "zh": (["{f}是什么味道的？", "{f}吃起来怎么样？", "{f}的味道怎么样？"], ["{f}尝起来是什么味道？"]),
-        "en": (["What {do} {s} taste like?", "How {do} {s} taste?", "What is the taste of {s}?"],
+        "zh": (["{f}是什么味道的？", "{f}吃起来怎么样？", "{f}的味道怎么样？", "{f}是什么味儿？"], ["{f}尝起来是什么味道？"]),
+        "en": (["What {do} {s} taste like?", "How {do} {s} taste?", "What is the taste of {s}?", "Do {s} taste sweet?"],
                ["Tell me how {s} taste."])}),
     "food_kind": (rel_food_kind, 3, {
-        "zh": (["{f}属于什么食物？", "{f}是哪一类食物？", "{f}是什么？"], ["{f}算是哪一类东西？"]),
-        "en": (["What kind of food {be} {s}?", "What type of food {be} {s}?", "What {be} {s}?"],
+        "zh": (["{f}属于什么食物？", "{f}是哪一类食物？", "{f}是什么？", "{f}是哪种食物？"], ["{f}算是哪一类东西？"]),
+        "en": (["What kind of food {be} {s}?", "What type of food {be} {s}?", "What {be} {s}?", "Which kind of food {be} {s}?"],
                ["Which group of food do {s} belong to?"])}),
     "thing_colour": (rel_thing_colour, 2, {
-        "zh": (["{t}是什么颜色的？", "{t}是什么颜色？"], ["{t}看起来是什么颜色？"]),
-        "en": (["What colour {be} {t}?", "What is the colour of {t}?"], ["Which colour {be} {t}?"])}),
+        "zh": (["{t}是什么颜色的？", "{t}是什么颜色？", "{t}一般是什么颜色的？"], ["{t}看起来是什么颜色？"]),
+        "en": (["What colour {be} {t}?", "What is the colour of {t}?", "Tell me the colour of {t}."], ["Which colour {be} {t}?"])}),
     "mix": (rel_mix, 2, {
-        "zh": (["{x}和{y}混在一起是什么颜色？", "{x}加{y}会变成什么颜色？", "把{x}和{y}混合会得到什么颜色？"],
+        "zh": (["{x}和{y}混在一起是什么颜色？", "{x}加{y}会变成什么颜色？", "把{x}和{y}混合会得到什么颜色？", "{x}和{y}混合以后是什么颜色？",
+                "把{x}和{y}放在一起调，会变成什么颜色？"],
                ["{x}跟{y}调在一起是什么颜色？"]),
         "en": (["What colour do you get if you mix {x} and {y}?", "What do {x} and {y} make when mixed?",
-                "Mix {x} and {y}: what colour is it?"],
+                "Mix {x} and {y}: what colour is it?", "What colour comes from mixing {x} and {y}?",
+                "I mix {x} paint with {y} paint. Which colour do I get?"],
                ["If I blend {x} with {y}, which colour do I get?"])}),
     "add": (rel_add, 8, {
         "zh": (["{x}加{y}等于多少？", "{x}+{y}=?", "请计算{x}加{y}。", "{x}加上{y}是多少？", "{x}和{y}的和是多少？",
-                "算一算{x}加{y}。", "{x}加{y}是几"],
+                "算一算{x}加{y}。", "{x}加{y}是几", "{x}和{y}加在一起是多少？", "我有{x}个，又来了{y}个，一共几个？",
+                "{x}加{y}得几？"],
                ["{x}再加{y}得多少？", "把{x}和{y}加起来是多少？"]),
         "en": (["What is {x} plus {y}?", "{x}+{y}=?", "Please add {x} and {y}.", "What is the sum of {x} and {y}?",
-                "How much is {x} plus {y}?", "Calculate {x} + {y}.", "{x} plus {y}?"],
+                "How much is {x} plus {y}?", "Calculate {x} + {y}.", "{x} plus {y}?", "What does {x} + {y} make?",
+                "Add {y} to {x}. What is the result?", "What is {x} and {y} together?"],
                ["If you add {y} to {x}, what do you get?", "What do {x} and {y} add up to?"])}),
     "sub": (rel_sub, 7, {
         "zh": (["{x}减{y}等于多少？", "{x}-{y}=?", "请计算{x}减{y}。", "{x}减去{y}是多少？", "算一算{x}减{y}。",
-                "{x}减{y}是几"],
+                "{x}减{y}是几", "{x}去掉{y}是多少？", "我有{x}个，用掉{y}个，还剩几个？", "{x}减掉{y}得几？"],
                ["{x}拿走{y}还剩多少？", "从{x}里减掉{y}，结果是多少？"]),
         "en": (["What is {x} minus {y}?", "{x}-{y}=?", "Please subtract {y} from {x}.", "How much is {x} minus {y}?",
-                "Calculate {x} - {y}.", "{x} minus {y}?"],
+                "Calculate {x} - {y}.", "{x} minus {y}?", "What does {x} - {y} make?",
+                "Subtract {y} from {x}. What is the result?", "I have {x} and give away {y}. How many are left?"],
                ["Take {y} away from {x}. What is left?", "If you subtract {y} from {x}, what do you get?"])}),
     "day_after": (rel_day_after, 3, {
-        "zh": (["{d}的后一天是星期几？", "{d}之后是星期几？", "{d}的下一天是星期几？", "今天是{d}，明天是星期几？"],
+        "zh": (["{d}的后一天是星期几？", "{d}之后是星期几？", "{d}的下一天是星期几？", "今天是{d}，明天是星期几？", "要是今天是{d}，明天星期几？",
+                "{d}过去以后是星期几？"],
                ["如果今天是{d}，那么明天是星期几呢？"]),
         "en": (["What day comes after {d}?", "What is the day after {d}?", "Which day follows {d}?",
-                "Today is {d}. What day is tomorrow?"],
+                "Today is {d}. What day is tomorrow?", "It is {d} today. What day will tomorrow be?",
+                "Which day is the day after {d}?"],
                ["If today is {d}, what day will it be tomorrow?"])}),
     "day_before": (rel_day_before, 3, {
-        "zh": (["{d}的前一天是星期几？", "{d}之前是星期几？", "{d}的上一天是星期几？", "今天是{d}，昨天是星期几？"],
+        "zh": (["{d}的前一天是星期几？", "{d}之前是星期几？", "{d}的上一天是星期几？", "今天是{d}，昨天是星期几？", "要是今天是{d}，昨天星期几？",
+                "{d}的前面一天是星期几？"],
                ["如果今天是{d}，那么昨天是星期几呢？"]),
         "en": (["What day comes before {d}?", "What is the day before {d}?", "Which day is before {d}?",
-                "Today is {d}. What day was yesterday?"],
+                "Today is {d}. What day was yesterday?", "It is {d} today. What day was yesterday?",
+                "Which day is the day before {d}?"],
                ["If today is {d}, what day was it yesterday?"])}),
     "month_after": (rel_month_after, 2, {
-        "zh": (["{m}之后是几月？", "{m}的下一个月是几月？", "{m}后面是哪个月？"], ["过完{m}就到了几月？"]),
-        "en": (["Which month comes after {m}?", "What month is after {m}?", "What is the next month after {m}?"],
+        "zh": (["{m}之后是几月？", "{m}的下一个月是几月？", "{m}后面是哪个月？", "{m}结束以后是几月？", "{m}的后一个月是几月？"], ["过完{m}就到了几月？"]),
+        "en": (["Which month comes after {m}?", "What month is after {m}?", "What is the next month after {m}?", "When {m} ends, which month comes next?",
+                "Which month follows {m}?"],
                ["Once {m} is over, which month begins?"])}),
     "month_days": (rel_month_days, 2, {
-        "zh": (["{m}有多少天？", "{m}有几天？", "{m}一共有多少天？"], ["{m}这个月有几天呢？"]),
-        "en": (["How many days does {m} have?", "How many days are in {m}?", "How long is {m} in days?"],
+        "zh": (["{m}有多少天？", "{m}有几天？", "{m}一共有多少天？", "{m}总共有几天？", "{m}有几天呀？"], ["{m}这个月有几天呢？"]),
+        "en": (["How many days does {m} have?", "How many days are in {m}?", "How long is {m} in days?", "How many days has {m} got?", "Tell me how many days {m} has."],
                ["What is the number of days in {m}?"])}),
 }
 # Lead-ins before a question: training ones, and held-out ones for eval_general.
-LEAD_INS = {"zh": (["", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，"],
+LEAD_INS = {"zh": (["", "", "", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，",
+                    "老师问我：", "我在做作业，", "突然想到一个问题：", "帮我看看，", "想请教一下，", "嗨，", "朋友问我：",
+                    "我弟弟想知道，"],
                    ["麻烦告诉我，", "我很好奇，"]),
-            "en": (["", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
-                    "I have a question. "],
+            "en": (["", "", "", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
+                    "I have a question. ", "My teacher asked me this. ", "I'm doing my homework. ", "Help me out: ",
+                    "Hello again! ", "Sorry to bother you, ", "My son wants to know: ", "Just wondering, ",
+                    "Can you answer this? "],
                    ["Could you help me? ", "I'm curious. "])}
 TRAIN, EVAL = 0, 1
+# What people add around a question; training questions get them at random, so the model learns to skip them.
+FILLERS = {"zh": (["那", "所以", "对了，", "嗯，", "那么"], ["呢", "呀", "啊"]),
+           "en": (["so", "then", "actually", "again", "really", "exactly"], [])}
+TAILS = {"zh": ["谢谢！", "谢谢。", "快告诉我吧。", "请简单回答。"], "en": ["Thanks!", "Thank you.", "Please answer briefly.",
+                                                        "Just tell me."]}
+
+
+def roughen(rng, lang, q):
+    """A training question as people type it: a filler word, a tail, no final mark, all lower case."""
+    fronts, ends = FILLERS[lang]
+    r = rng.random()
+    if lang == "en" and r < 0.2 and " " in q:
+        words = q.split(" ")
+        i = rng.randrange(1, len(words))
+        q = " ".join(words[:i] + [rng.choice(fronts)] + words[i:])
+    elif lang == "zh" and r < 0.1:
+        q = rng.choice(fronts) + q
+    elif lang == "zh" and r < 0.2 and q[-1] in "？?":
+        q = q[:-1] + rng.choice(ends) + q[-1]
+    if rng.random() < 0.1:
+        q += ("" if lang == "zh" else " ") + rng.choice(TAILS[lang])
+    if rng.random() < 0.15:
+        q = q.rstrip("？?。.!！")
+    if lang == "en" and rng.random() < 0.05:
+        q = q.lower()
+    return q
 
 
 def fill(template, slots):
@@ -931,9 +975,7 @@ def relation_qa(rng, lang, name, pool=TRAIN):
     fn, _, templates = RELATIONS[name]
     slots, answer, expect = fn(rng, lang)
     q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
-    if pool == TRAIN and rng.random() < 0.15:  # people often type without the final mark
-        q = q.rstrip("？?。.!！")
-    return q, answer, expect
+    return (roughen(rng, lang, q) if pool == TRAIN else q), answer, expect
 
 
 def qa_general_fact(rng, lang):
@@ -1084,15 +1126,26 @@ def make_sft(seed, scale):
         for lang, s in (("zh", zs), ("en", es)):
             for t in MED_TRAIN_TEMPLATES[lang] + MED_EVAL_TEMPLATES[lang]:
                 out.append(conversation(rng, lang, [(t.format(s=s), GENERIC_ADVICE[lang].format(s=s))]))
-            for q in symptom_variant_prompts(rng, s, lang):
+            for q in symptom_extra_prompts(rng, s, lang):
                 out.append(conversation(rng, lang, [(q, GENERIC_ADVICE[lang].format(s=s))]))
     rng.shuffle(out)
     return out
 
 
-def symptom_variant_prompts(rng, s, lang, k=4):
-    """Training questions that name symptom s by an everyday variant (头疼 for 头痛)."""
-    return [rng.choice(MED_TRAIN_TEMPLATES[lang]).format(s=v) for v in SYMPTOM_VARIANTS.get(s, []) for _ in range(k)]
+# A sentence of circumstance before a symptom question, as people tell their story first.
+MED_CONTEXTS = {"zh": ["昨天加班到很晚。", "回家路上淋了雨。", "刚旅行回来。", "今天跑了十公里。", "晚饭吃得很多。",
+                       "我现在在办公室。", "这几天天气很冷。", "从早上开始就这样了。"],
+                "en": ["I worked late yesterday. ", "It rained on my way home. ", "I just came back from a trip. ",
+                       "I ran ten kilometres today. ", "We had a big dinner. ", "I am at the office right now. ",
+                       "It has been cold for days. ", "It started this morning. "]}
+
+
+def symptom_extra_prompts(rng, s, lang, k=4):
+    """More training questions about symptom s: k with each everyday variant of its name (头疼 for 头痛),
+    and k after a sentence of circumstance."""
+    pick = lambda: rng.choice(MED_TRAIN_TEMPLATES[lang])  # noqa: E731
+    return [pick().format(s=v) for v in SYMPTOM_VARIANTS.get(s, []) for _ in range(k)] + \
+        [rng.choice(MED_CONTEXTS[lang]) + pick().format(s=s) for _ in range(k)]
 
 
 def symptom_qa(rng, lang, row, answer):
@@ -1135,10 +1188,10 @@ def make_lora_medical(seed):
         for lang, s, advice in (("zh", zs, za), ("en", es, ea)):
             for t in MED_TRAIN_TEMPLATES[lang]:
                 out.append(conversation(rng, lang, [(t.format(s=s), advice)], system_p=0.1))
-            for q in symptom_variant_prompts(rng, s, lang, k=2):
+            for q in symptom_extra_prompts(rng, s, lang, k=2):
                 out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
     # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
-    out += [chat_sample(rng) for _ in range(240)]
+    out += [chat_sample(rng) for _ in range(400)]
     rng.shuffle(out)
     return out
 

@@ -102,6 +102,8 @@ def test_repo_tokenizer_vocab():
     assert 1000 < tok.vocab_size <= 6400  # 6400 is the cap; merges inside Latin words run out below it
     # One token per Chinese character: no merge fuses a phrase, so a fact never hides inside one token.
     assert len(tok.encode("日本的首都是东京")) == 8 and tok.decode(tok.encode("日本的首都是东京")) == "日本的首都是东京"
+    # A number is the same token in both languages: the space before it is a token of its own.
+    assert tok.encode("17加8")[0] == tok.encode("9 plus 17")[-1] and tok.decode(tok.encode("9 plus 17")) == "9 plus 17"
     config = json.loads((REPO / "model" / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert (config["bos_token"], config["eos_token"], config["pad_token"]) == ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
 

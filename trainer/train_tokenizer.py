@@ -50,6 +50,9 @@ def train_tokenizer(paths, vocab_size=6400):
         # fuse whole phrases ("日本的首都是东京" was one token), and a fact inside one token cannot be recalled
         # from "日本的首都是". It also keeps "我是Lumina" from gluing Chinese to a Latin word.
         pre_tokenizers.Split(Regex(CJK_CHAR), behavior="isolated"),
+        # Digits apart from the space before them: "7" is the same token in "7加8" and "7 plus 8", so sums
+        # learned in one language serve the other.
+        pre_tokenizers.Digits(individual_digits=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
