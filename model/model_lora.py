@@ -35,6 +35,12 @@ class LoRAError(CheckpointError, ValueError):
     """An adapter request that cannot be met; the one-line message names what and where."""
 
 
+def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
+    # alpha/r: the update's size does not grow with rank, so changing r needs no new learning rate.
+    # rsLoRA's alpha/sqrt(r) stops large ranks from learning slower than small ones.
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
 class LoRA(nn.Module):
     """One adapter: x -> scale * B(A(dropout(x))), with A: in -> r and B: r -> out."""
 
@@ -55,9 +61,7 @@ class LoRA(nn.Module):
 
     def set_scale(self, alpha: float, use_rslora: bool = False) -> None:
         self.alpha, self.use_rslora = alpha, use_rslora
-        # alpha/r: the update's size does not grow with rank, so changing r needs no new learning rate.
-        # rsLoRA's alpha/sqrt(r) stops large ranks from learning slower than small ones.
-        self.scale = alpha / math.sqrt(self.rank) if use_rslora else alpha / self.rank
+        self.scale = lora_scale(alpha, self.rank, use_rslora)
 
     def forward(self, x):
         # B(Ax): r*(d+k) multiply-adds per token; the d x k matrix B @ A is never built here.
@@ -85,9 +89,12 @@ class LoRALinear(nn.Module):
         self.lora = nn.ModuleDict()
         self.active_adapter: Optional[str] = None
         self.merged_adapter: Optional[str] = None  # folded into `weight`: forward skips the branch
+        self.bank: Optional["AdapterBank"] = None  # serving: one adapter per batch row (see AdapterBank)
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        if self.bank is not None and self.bank.rows is not None:
+            return self.bank.add_rows(self, y, x)
         if self.active_adapter is None or self.merged_adapter is not None:
             return y
         return self.lora[self.active_adapter].add_to(y, x)
@@ -479,3 +486,73 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
             lora.B.weight.copy_(b)
     set_adapter(root, adapter_name)
     return adapter_name
+
+
+class AdapterBank:
+    """Many adapters in one batch, each row with its own (S-LoRA's and Punica's idea in plain PyTorch).
+    Every projection keeps the resident adapters' A and B stacked in slots (`bank_A`: slots x max_rank x in,
+    `bank_B`: slots x out x max_rank; slot 0 stays zero = no adapter); `select(slot of each row)` before a
+    forward, and each layer adds gather-then-batched B(Ax) per row. Nothing is merged or switched, so no
+    row can change another row's adapter. A smaller rank is zero-padded, which adds exact zeros."""
+
+    def __init__(self, model, slots: int, max_rank: int = 16):
+        root = unwrap(model)
+        _check_not_merged(root, "serving adapters from a bank")
+        self.root, self.slots, self.max_rank = root, slots, max_rank
+        self.layers: dict[str, LoRALinear] = {}
+        for name, layer in find_targets(root, "all-linear"):
+            layer = _wrap(root, name, layer)
+            w = layer.weight
+            layer.bank = self
+            layer.bank_A = w.new_zeros(slots + 1, max_rank, layer.in_features)
+            layer.bank_B = w.new_zeros(slots + 1, layer.out_features, max_rank)
+            self.layers[name] = layer
+        self.scale = w.new_zeros(slots + 1)
+        self.rows: Optional[torch.Tensor] = None   # (B,) slot per row; None while no row has an adapter
+        self.row_scale: Optional[torch.Tensor] = None
+
+    def check(self, path) -> tuple[dict, float]:
+        """Read an adapter file and check it fits this base and the bank's rank: ({module: (A, B)}, scale).
+        Raises LoRAError with a one-line message otherwise."""
+        source = str(path)
+        pairs, config = _parse_adapter(read_lora_file(path), source)
+        _check_fits_base(self.root, pairs, config, source)
+        rank = next(iter(pairs.values()))[0].shape[0]
+        if rank > self.max_rank:
+            raise LoRAError(f"{source}: rank {rank} is above the bank's maximum {self.max_rank}; "
+                            f"start the server with --max_lora_rank {rank} or more")
+        config = config or {}  # no config: a MiniMind file, scale 1
+        return pairs, lora_scale(config.get("alpha", rank), rank, bool(config.get("use_rslora", False)))
+
+    @torch.no_grad()
+    def load(self, slot: int, path) -> None:
+        """Put the adapter file into `slot` (1..slots), replacing what was there."""
+        if not 1 <= slot <= self.slots:
+            raise LoRAError(f"slot {slot} is outside 1..{self.slots}")
+        pairs, scale = self.check(path)
+        self.clear(slot)
+        for module, (a, b) in pairs.items():
+            layer = self.layers[module]
+            layer.bank_A[slot, :a.shape[0]] = a
+            layer.bank_B[slot, :, :a.shape[0]] = b
+        self.scale[slot] = scale
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        for layer in self.layers.values():
+            layer.bank_A[slot].zero_()
+            layer.bank_B[slot].zero_()
+        self.scale[slot] = 0.0
+
+    def select(self, slots) -> None:
+        """The slot of each batch row for the next forwards (0: no adapter); all zeros skips the branch."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.scale.device)
+        self.rows = slots if bool(slots.any()) else None
+        self.row_scale = self.scale[slots][:, None, None] if self.rows is not None else None
+
+    def add_rows(self, layer: LoRALinear, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y + scale_b * B_b(A_b x_b) for each row b of x (B, T, in)."""
+        a = layer.bank_A[self.rows]  # (B, r, in): gather each row's A
+        b = layer.bank_B[self.rows]  # (B, out, r)
+        ax = torch.bmm(x, a.transpose(1, 2)) * self.row_scale
+        return torch.baddbmm(y, ax, b.transpose(1, 2))

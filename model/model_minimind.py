@@ -120,6 +120,42 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+class RowKVCache:
+    """Continuous batching (the server's engine): row b holds one request with its own `length[b]` tokens, so
+    requests of any length decode together and join or leave between steps. Buffers are preallocated for
+    max_batch rows of max_len tokens; keys past a row's length are masked out (see _attention_bias)."""
+
+    def __init__(self, config: MiniMindConfig, max_batch: int, max_len: int, device=None, dtype=None):
+        shape = (max_batch, config.num_key_value_heads, max_len, config.head_dim)
+        # Zeros, not empty: masked keys are skipped by softmax, but a NaN in V would still poison the sum.
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.length = torch.zeros(0, dtype=torch.long, device=device)  # (B,): set by the caller for each step
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, kv_heads, T, head_dim) of row b at positions length[b]..; return rows 0..B-1 up to
+        the longest row."""
+        B, T = k.shape[0], k.shape[2]
+        pos = self.length[:, None] + torch.arange(T, device=k.device)
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.keys[layer][rows, :, pos] = k.transpose(1, 2)
+        self.values[layer][rows, :, pos] = v.transpose(1, 2)
+        end = int(pos.max()) + 1
+        return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+
+    def put_row(self, row: int, src: KVCache, length: int) -> None:
+        """Copy a request's prefilled cache (batch of one) into `row`."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][row, :, :length] = src.keys[layer][0, :, :length]
+            self.values[layer][row, :, :length] = src.values[layer][0, :, :length]
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Move row src's first `length` positions to row dst (a leaving request's row is refilled by the last)."""
+        for layer in range(len(self.keys)):
+            self.keys[layer][dst, :, :length] = self.keys[layer][src, :, :length]
+            self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
+
+
 class Attention(nn.Module):
     def __init__(self, config: MiniMindConfig, layer_idx: int):
         super().__init__()
@@ -215,7 +251,7 @@ class MiniMindForCausalLM(nn.Module):
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (
             KVCache(self.config.num_hidden_layers) if use_cache else None)
-        past = cache.length if cache is not None else 0
+        past = cache.length if cache is not None else 0  # a (B,) tensor in a RowKVCache: one position per row
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rope(past, T, x.device, x.dtype)
         mask = self._attention_bias(attention_mask, T, past, x.device)
@@ -239,17 +275,24 @@ class MiniMindForCausalLM(nn.Module):
         """cos and signed sin of positions past .. past + T - 1, sliced from a table that grows by doubling
         (a decode step would otherwise spend a dozen small ops rebuilding them)."""
         table = self._rope_table
-        if table is None or table[0].shape[0] < past + T or table[0].device != device or table[0].dtype != dtype:
-            n = max(past + T, 2 * table[0].shape[0] if table is not None else 0, 256)
+        end = (int(past.max()) if isinstance(past, torch.Tensor) else past) + T
+        if table is None or table[0].shape[0] < end or table[0].device != device or table[0].dtype != dtype:
+            n = max(end, 2 * table[0].shape[0] if table is not None else 0, 256)
             with torch.inference_mode(False):  # a table built while generating must still serve training
                 table = rope_cos_sin(torch.arange(n, device=device), self.config.head_dim, self.config.rope_theta,
                                      dtype)
             self._rope_table = table
+        if isinstance(past, torch.Tensor):  # rows at their own positions: (B, 1, T, head_dim), broadcast over heads
+            pos = past[:, None] + torch.arange(T, device=device)
+            return table[0][pos][:, None], table[1][pos][:, None]
         return table[0][past:past + T], table[1][past:past + T]
 
     @staticmethod
     def _attention_bias(attention_mask, T, past, device):
         """None when plain causal attention is right (the fast path); else a boolean (B, 1, T, past+T) mask."""
+        if isinstance(past, torch.Tensor):  # RowKVCache: row b's query t sees keys 0 .. past[b] + t
+            pos = past[:, None] + torch.arange(T, device=device)
+            return (torch.arange(int(pos.max()) + 1, device=device) <= pos[..., None])[:, None]
         if attention_mask is None and (past == 0 or T == 1):
             return None
         total = past + T
@@ -351,7 +394,10 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None)
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a draw after temperature, top-k and top-p
+    (from `generator`, so a seeded request draws the same tokens whoever else is in the batch)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
@@ -364,4 +410,4 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: i
         # Drop a token once the mass before it already reaches top_p; the first token always stays.
         drop = (cum - sorted_logits.softmax(-1)) >= top_p
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), num_samples=1).squeeze(1)
+    return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator).squeeze(1)

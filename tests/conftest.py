@@ -6,7 +6,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from model.model_lora import apply_lora, save_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from model.tokenizer import Tokenizer  # noqa: E402
 
 
 def tiny_config(**kw) -> MiniMindConfig:
@@ -20,3 +22,25 @@ def tiny_config(**kw) -> MiniMindConfig:
 def tiny_model():
     torch.manual_seed(0)
     return MiniMindForCausalLM(tiny_config()).eval()
+
+
+def varied_model(seed, layers=2):
+    """A tiny model over the project's tokenizer whose greedy replies are varied text (not one repeated token)."""
+    torch.manual_seed(seed)
+    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=Tokenizer().vocab_size, hidden_size=64, num_hidden_layers=layers,
+                                               num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():  # at init a tied model just repeats its last token; larger layers give varied text
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "embed" not in name:
+                p.mul_(20)
+    return model.eval()
+
+
+def random_adapter(model, name, path, rank=4, **lora_kw):
+    """Add adapter `name` with a random (nonzero) B, so it changes the output, and save it to `path`."""
+    apply_lora(model, rank=rank, adapter_name=name, **lora_kw)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora.{name}.B" in n:
+                p.normal_(std=0.5)
+    save_lora(model, path, name)

@@ -13,33 +13,12 @@ import torch
 import eval_llm
 from dataset.lm_dataset import SFTDataset
 from model.checkpoint import load_model, save_model
-from model.model_lora import apply_lora, save_lora
-from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from model.tokenizer import Tokenizer
+from tests.conftest import random_adapter as add_adapter, varied_model as tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "hello"
 NEW = 8  # max_new_tokens everywhere: a reply is at most 8 tokens
-
-
-def tiny_model(seed, layers=2):
-    torch.manual_seed(seed)
-    model = MiniMindForCausalLM(MiniMindConfig(vocab_size=Tokenizer().vocab_size, hidden_size=64, num_hidden_layers=layers,
-                                               num_attention_heads=4, num_key_value_heads=2))
-    with torch.no_grad():  # at init a tied model just repeats its last token; larger layers give varied text
-        for name, p in model.named_parameters():
-            if p.ndim == 2 and "embed" not in name:
-                p.mul_(20)
-    return model.eval()
-
-
-def add_adapter(model, name, path):
-    apply_lora(model, rank=4, adapter_name=name)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if f"lora.{name}.B" in n:
-                p.normal_(std=0.5)  # B != 0, so the adapter changes the output
-    save_lora(model, path, name)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,333 @@
+"""Serve a base model and its LoRA adapters over OpenAI's chat-completions API, with vLLM's LoRA conventions.
+
+python scripts/serve_openai_api.py --lora_weight lora_identity,lora_medical      # http://127.0.0.1:8998
+curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/json' \\
+     -d '{"model": "lora_identity", "messages": [{"role": "user", "content": "你是谁？"}]}'
+
+The request's `model` names the base (`GET /v1/models` lists it first) or an adapter; one engine batches all
+requests continuously, each row with its own adapter (model/engine.py). `GET /` is a chat page. Runtime
+adapter loading (`POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter`) reads files named by the client,
+so it is off unless --allow_runtime_lora; --api_key makes every /v1 endpoint ask for `Authorization: Bearer`.
+"""
+import argparse
+import asyncio
+import json
+import secrets
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # runs from any directory
+    sys.path.insert(0, str(REPO_ROOT))
+
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse  # noqa: E402
+
+import eval_llm  # noqa: E402
+from model.engine import Engine, EngineError  # noqa: E402
+from model.engine import Request as GenRequest  # noqa: E402
+from model.model_lora import LoRAError, default_adapter_name, find_adapter  # noqa: E402
+from model.tokenizer import Tokenizer  # noqa: E402
+
+PAGE = Path(__file__).resolve().parent / "chat_page.html"
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 4  # OpenAI allows up to 4 stop strings
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--save_dir", default=str(REPO_ROOT / "out"), help="where the trainers wrote weights (adapters in lora/)")
+    a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path")
+    a("--hidden_size", type=int, default=256, help="picks {weight}_{hidden_size}.pth")
+    a("--lora_weight", default="", help="comma-separated adapters to serve: names ({save_dir}/lora/{name}_{h}.pth) "
+                                        "or paths; each is served under its name (file name minus _{h})")
+    a("--served_model_name", default=None, help="the base's model name in the API (default: the weight file's stem)")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="on CUDA; the CPU uses float32")
+    a("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (then set --api_key)")
+    a("--port", type=int, default=8998)
+    a("--max_batch", type=int, default=16, help="requests decoded together; more wait in a queue")
+    a("--max_seq_len", type=int, default=1024, help="prompt plus reply, in tokens")
+    a("--max_loras", type=int, default=8, help="adapters resident at once; more can be registered")
+    a("--max_lora_rank", type=int, default=16, help="the largest adapter rank the server accepts")
+    a("--allow_runtime_lora", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    a("--api_key", default=None, help="require `Authorization: Bearer KEY` on every /v1 endpoint")
+    a("--num_hidden_layers", type=int, default=None, help="only for checkpoints without a .json config (MiniMind's)")
+    a("--num_attention_heads", type=int, default=None, help="only for checkpoints without a .json config")
+    a("--num_key_value_heads", type=int, default=None, help="only for checkpoints without a .json config")
+    args = p.parse_args(argv)
+    for flag in ("max_batch", "max_seq_len", "max_loras", "max_lora_rank"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag} must be at least 1")
+    return args
+
+
+class APIError(Exception):
+    """Answered as OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+             404: "not_found_error", 500: "server_error"}
+
+    def __init__(self, status: int, message: str, param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),
+                                       "param": self.param, "code": self.code}}, status_code=self.status)
+
+
+def build_engine(args) -> tuple:
+    """(engine, base model name): the base loaded as eval_llm.py loads it, every --lora_weight registered."""
+    tok = Tokenizer()
+    model = eval_llm.load_base(args, tok, args.weight)
+    engine = Engine(model, tok, args.max_batch, args.max_seq_len, args.max_loras, args.max_lora_rank)
+    for spec in eval_llm.split_list(args.lora_weight):
+        path = find_adapter(spec, model.config.hidden_size, args.save_dir)
+        engine.register(default_adapter_name(path, model), path)
+    return engine, args.served_model_name or model.weight_name
+
+
+# ---- request parsing: one clear message per bad field
+
+def _number(body, key, lo, hi, default, integer=False):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not lo <= value <= hi:
+        what = "an integer" if integer else "a number"
+        raise APIError(400, f"'{key}' must be {what} from {lo} to {hi}, got {json.dumps(value)}", key)
+    return value
+
+
+def _content(message, i) -> str:
+    content = message.get("content")
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+        parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if len(parts) == len(content) and all(isinstance(t, str) for t in parts):
+            return "".join(parts)
+    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", "messages")
+
+
+def parse_chat(body, names, tok, max_seq_len) -> dict:
+    """Check a chat-completions body; returns the fields the engine needs."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise APIError(400, "'model' is required: the base's name or an adapter's (GET /v1/models lists them)", "model")
+    if model not in names:
+        raise APIError(404, f"the model {model!r} does not exist; this server has: {', '.join(names)}", "model",
+                       "model_not_found")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    chat = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}] needs a role out of {', '.join(ROLES)}", "messages")
+        chat.append({"role": m["role"], "content": _content(m, i)})
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise APIError(400, "'stream_options' must be an object", "stream_options")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP} non-empty strings", "stop")
+    stop_ids = body.get("stop_token_ids") or []  # vLLM's extra parameter: token ids that end the reply too
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
+        raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
+    prompt = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
+    if len(prompt) >= max_seq_len:
+        raise APIError(400, f"the prompt is {len(prompt)} tokens, but this server's max_seq_len is {max_seq_len} "
+                            f"(prompt and reply together); shorten the messages", "messages", "context_length_exceeded")
+    room = max_seq_len - len(prompt)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, 1, 2 ** 31, room, integer=True)
+    if max_tokens > room:
+        raise APIError(400, f"'{key}' is {max_tokens}, but the prompt has {len(prompt)} tokens and max_seq_len is "
+                            f"{max_seq_len}: at most {room} are left for the reply", key, "context_length_exceeded")
+    return {"model": model, "stream": stream, "include_usage": bool(options.get("include_usage")),
+            "prompt": prompt, "max_tokens": max_tokens, "stop": tuple(stop), "stop_token_ids": tuple(stop_ids),
+            "temperature": _number(body, "temperature", 0, 2, 1.0), "top_p": _number(body, "top_p", 0, 1, 1.0),
+            "seed": _number(body, "seed", -2 ** 63, 2 ** 63 - 1, None, integer=True)}
+
+
+def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora: bool = False) -> FastAPI:
+    app = FastAPI(title="MiniMind LoRA server", docs_url=None, redoc_url=None)
+    app.state.engine, app.state.base_name = engine, base_name
+    created = int(time.time())
+    page_html = PAGE.read_text(encoding="utf-8")  # read once: a missing page fails at start, not per request
+
+    @app.exception_handler(APIError)
+    async def api_error(_, e: APIError):
+        return e.response()
+
+    @app.middleware("http")
+    async def check_key(request: Request, call_next):
+        if api_key and request.url.path.startswith("/v1/"):
+            scheme, _, key = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), api_key.encode()):
+                return APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`").response()
+        return await call_next(request)
+
+    def names() -> list:
+        return [base_name] + list(engine.adapters)
+
+    async def read_json(request: Request):
+        try:
+            return json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON ({e})")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return page_html
+
+    @app.get("/v1/models")
+    async def models():
+        def card(name, parent, root):
+            return {"id": name, "object": "model", "created": created, "owned_by": "minimind", "root": root,
+                    "parent": parent}
+        data = [card(base_name, None, base_name)]
+        data += [card(n, base_name, str(p)) for n, p in list(engine.adapters.items())]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        if not allow_runtime_lora:
+            raise APIError(403, "runtime adapter loading is off; start the server with --allow_runtime_lora")
+        body = await read_json(request)
+        name, path = (body.get("lora_name"), body.get("lora_path")) if isinstance(body, dict) else (None, None)
+        if not isinstance(name, str) or not name or not isinstance(path, str) or not path:
+            raise APIError(400, "send {\"lora_name\": ..., \"lora_path\": ...}")
+        if name == base_name:
+            raise APIError(400, f"{name!r} is the base model's name; pick another lora_name", "lora_name")
+        try:
+            await asyncio.to_thread(engine.register, name, path)
+        except (EngineError, LoRAError) as e:
+            raise APIError(400, str(e), "lora_path")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        if not allow_runtime_lora:
+            raise APIError(403, "runtime adapter loading is off; start the server with --allow_runtime_lora")
+        body = await read_json(request)
+        name = body.get("lora_name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name:
+            raise APIError(400, "send {\"lora_name\": ...}")
+        try:
+            engine.unregister(name)
+        except EngineError as e:
+            raise APIError(404, f"{e}; loaded: {', '.join(engine.adapters) or 'none'}", "lora_name")
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        spec = parse_chat(await read_json(request), names(), engine.tok, engine.max_seq_len)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        req = GenRequest(spec["prompt"], None if spec["model"] == base_name else spec["model"], spec["max_tokens"],
+                         spec["temperature"], spec["top_p"], spec["seed"], spec["stop"], spec["stop_token_ids"],
+                         emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        try:
+            engine.submit(req)
+        except EngineError as e:  # e.g. the adapter was unloaded a moment ago
+            raise APIError(404 if "no adapter" in str(e) else 400, str(e))
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": spec["model"]}
+        first = await next_event(request, req, events)
+        if "error" in first:  # nothing sent yet: a plain HTTP error
+            raise APIError(500, first["error"])
+        if spec["stream"]:
+            return StreamingResponse(stream(request, req, events, first, head, spec["include_usage"]),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text, event = [], first
+        while "delta" in event:
+            text.append(event["delta"])
+            event = await next_event(request, req, events)
+        if "error" in event:
+            raise APIError(500, event["error"])
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                             "logprobs": None, "finish_reason": event["finish_reason"]}],
+                "usage": usage(event)}
+
+    async def next_event(request: Request, req, events: asyncio.Queue) -> dict:
+        """The engine's next event for this request; cancels it if the client has gone."""
+        while True:
+            try:
+                return await asyncio.wait_for(events.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    engine.cancel(req)
+                    raise asyncio.CancelledError
+
+    async def stream(request, req, events, event, head, include_usage):
+        def chunk(delta, finish=None, **extra):
+            body = {**head, "object": "chat.completion.chunk",
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra}
+            if include_usage:
+                body.setdefault("usage", None)
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while "delta" in event:
+                yield chunk({"content": event["delta"]})
+                event = await next_event(request, req, events)
+            if "error" in event:  # after the first chunk an error can only travel in the stream
+                yield f"data: {json.dumps({'error': {'message': event['error'], 'type': 'server_error'}})}\n\n"
+            else:
+                yield chunk({}, event["finish_reason"])
+                if include_usage:
+                    yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': usage(event)})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            engine.cancel(req)  # a no-op when finished; frees the row when the client went away mid-stream
+
+    return app
+
+
+def usage(event: dict) -> dict:
+    return {"prompt_tokens": event["prompt_tokens"], "completion_tokens": event["completion_tokens"],
+            "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
+
+
+def run(argv=None) -> None:
+    args = parse_args(argv)
+    engine, base_name = build_engine(args)
+    import uvicorn
+    app = create_app(engine.start(), base_name, args.api_key, args.allow_runtime_lora)
+    eval_llm.log(f"serving {base_name} and {len(engine.adapters)} adapter(s) on http://{args.host}:{args.port} "
+                 f"(max_batch {args.max_batch}, max_loras {args.max_loras}, max_seq_len {args.max_seq_len})")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.stop()
+
+
+def main(argv=None) -> int:
+    """Exit code 0, or 2 after one `error: ...` line for bad flags or files."""
+    return eval_llm.run_main(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
