@@ -1,6 +1,6 @@
 """Benchmarks: LoRA's claims and the pipeline's speed, measured side by side with the ecosystem.
 
-    python scripts/bench.py [order lora_vs_full inference batching ecosystem gpu] [--quick]
+    python scripts/bench.py [order lora_vs_full inference batching ecosystem serve gpu] [--quick]
                             [--device cpu|cuda] [--repeats N] [--threads N] [--write [docs/BENCHMARKS.md]]
 
 No names runs them all (gpu only with --device cuda). Each sub-benchmark is one function returning
@@ -37,7 +37,7 @@ from dataset.lm_dataset import (DEMO_DIR, LengthGroupedBatchSampler, PadCollator
 from model.model_lora import apply_lora, lora_layers, merge_lora, set_adapter, unmerge_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
-ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "gpu")
+ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "serve", "gpu")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 DEMO = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
 MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
@@ -97,7 +97,7 @@ def verdict(ok: bool) -> str:
 
 def build_model(dims: dict, device="cpu", seed: int = 0, **kw) -> MiniMindForCausalLM:
     torch.manual_seed(seed)
-    return MiniMindForCausalLM(MiniMindConfig(vocab_size=6400, **dims, **kw)).to(device)
+    return MiniMindForCausalLM(MiniMindConfig(**{"vocab_size": 6400, **dims, **kw})).to(device)
 
 
 def scale_name(dims: dict) -> str:
@@ -450,7 +450,142 @@ def eco_row(dims, task, t) -> dict:
             "theirs ms": 1e3 * med(t["theirs"]), "ratio min": lo, "ratio med": mid, "ratio max": hi}
 
 
-# ---- 6. gpu: pretraining MFU --------------------------------------------------------------------------------
+# ---- 6. serve: many adapters on one base, through the real server ------------------------------------------
+
+def start_server(folder: Path, h: int, flags: list, threads: int):
+    """scripts/serve_openai_api.py on a free port in its own process; returns (process, url) once it answers."""
+    import socket
+    import urllib.request
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve_openai_api.py"), "--save_dir", str(folder), "--hidden_size",
+           str(h), "--port", str(port), "--device", "cpu", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health", timeout=5).read()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"the server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.2)
+
+
+def post(url: str, path: str, body: dict):
+    import urllib.request
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return urllib.request.urlopen(req, timeout=600)
+
+
+def stream_reply(url: str, model: str, max_tokens: int) -> tuple:
+    """(seconds to the first content, completion tokens) of one streamed greedy request."""
+    t0 = time.perf_counter()
+    ttft, tokens = None, 0
+    body = {"model": model, "messages": [{"role": "user", "content": "Tell me a long story about a cat."}],
+            "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    with post(url, "/v1/chat/completions", body) as r:
+        for line in r:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                ttft = time.perf_counter() - t0
+    return ttft, tokens
+
+
+def load_clients(url: str, models: list, per_client: int, max_tokens: int) -> dict:
+    """len(models) concurrent clients, client i sending per_client requests to models[i] one after another."""
+    import concurrent.futures
+
+    def client(model):
+        return [stream_reply(url, model, max_tokens) for _ in range(per_client)]
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(len(models)) as pool:
+        results = [r for rs in pool.map(client, models) for r in rs]
+    wall = time.perf_counter() - t0
+    return {"tokens/s": sum(t for _, t in results) / wall, "ttft ms": 1e3 * med([f for f, _ in results if f])}
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def bench_serve(args):
+    import tempfile
+    from model.checkpoint import save_model
+    from model.model_lora import save_lora
+    from model.tokenizer import Tokenizer
+    if args.device != "cpu":
+        return [], ["skipped: the serving benchmark runs on the CPU (the server's own --device is not timed here)"]
+    dims = TINY if args.quick else DEMO
+    levels, per_client, new = ((1, 4), 1, 16) if args.quick else ((1, 4, 16), 2, 64)
+    threads, h = torch.get_num_threads(), dims["hidden_size"]
+    folder = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    model = build_model(dims, vocab_size=Tokenizer().vocab_size).eval()
+    save_model(model, folder / f"full_sft_{h}.pth")
+    apply_lora(model, rank=16, alpha=32, target_modules="all-linear", adapter_name="x")
+    for i in range(100):  # the demo's adapter shape: r=16 on all seven projections
+        randomize_lora_B(model, seed=i)
+        save_lora(model, folder / "lora" / f"lora_{i:03d}_{h}.pth", "x")
+    names = [f"lora_{i:03d}" for i in range(100)]
+    top = max(levels)
+    flags = ["--lora_weight", ",".join(names[:top]), "--max_seq_len", "256", "--max_loras", str(top),
+             "--allow_runtime_lora"]
+    rows, notes, got = [], [], {}
+    batched, url = start_server(folder, h, flags + ["--max_batch", str(top)], threads)
+    single, url1 = start_server(folder, h, flags + ["--max_batch", "1"], threads)
+    try:
+        for url_, n in ((url, 1), (url1, 1)):
+            load_clients(url_, names[:n], 1, 4)  # warm up both servers
+        for n in levels:
+            for rep in range(2 if args.quick else 3):  # interleaved repeats; the median is reported
+                for case, target, models in (("a", url, [names[0]] * n), ("b", url, names[:n]),
+                                             ("c", url1, names[:n])):
+                    got.setdefault((case, n), []).append(load_clients(target, models, per_client, new))
+        what = {"a": "all on one adapter", "b": "each on its own adapter",
+                "c": "one request at a time (max_batch 1)"}
+        for (case, n), results in got.items():
+            rows.append({"clients": n, "case": f"({case}) {what[case]}",
+                         "tokens/s": med([r["tokens/s"] for r in results]),
+                         "ttft ms": med([r["ttft ms"] for r in results])})
+        rss_before = rss_mb(batched.pid)
+        for i, name in enumerate(names[top:]):
+            post(url, "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(
+                folder / "lora" / f"{name}_{h}.pth")}).read()
+        rss_registered = rss_mb(batched.pid)
+        load_clients(url, names[-top:], 1, 4)  # swap in adapters that were only registered
+        rss_after = rss_mb(batched.pid)
+    finally:
+        for proc in (batched, single):
+            proc.terminate()
+            proc.wait(30)
+    tps = {key: med([r["tokens/s"] for r in v]) for key, v in got.items()}
+    b_a, b_c = tps[("b", top)] / tps[("a", top)], tps[("b", top)] / tps[("c", top)]
+    ttft = med([r["ttft ms"] for r in got[("b", top)]])
+    notes.append(f"ratio (b)/(a) tokens/s at {top} clients: {b_a:.2f} (target >= 0.85: {verdict(b_a >= 0.85)}); "
+                 f"(b)/(c): {b_c:.2f} (target >= 3: {verdict(b_c >= 3)}); time to first token at {top} clients, "
+                 f"each on its own adapter: {ttft:.0f} ms (median)")
+    notes.append(f"resident memory of the server (max_loras {top}): {rss_before:.0f} MB with {top} adapters registered, "
+                 f"{rss_registered:.0f} MB with 100 registered, {rss_after:.0f} MB after {top} of the others were "
+                 f"swapped in from disk")
+    notes.append(f"Model {scale_name(dims)} (random weights), adapters r=16 alpha 32 on all seven projections; each "
+                 f"client sends {per_client} streamed greedy requests of {new} tokens one after another; tokens/s = "
+                 f"all completion tokens / wall time; (c) is the same server with --max_batch 1, i.e. one request at "
+                 f"a time with its adapter set for it. Server and clients share this machine's {os.cpu_count()} "
+                 f"cores; the server runs {threads} torch threads.")
+    return rows, notes
+
+
+# ---- 7. gpu: pretraining MFU --------------------------------------------------------------------------------
 
 def peak_flops(args) -> tuple:
     if args.peak_flops:
@@ -528,7 +663,8 @@ def table(rows) -> str:
 TITLES = {"order": "LoRA matmul order: B(Ax) vs (BA)x", "lora_vs_full": "LoRA vs full fine-tuning: one training step",
           "inference": "Inference: decode with adapters, swap and merge",
           "batching": "Batching: useful tokens/s vs padding to max_seq_len",
-          "ecosystem": "Ecosystem: ours vs transformers + PEFT", "gpu": "GPU: pretraining MFU"}
+          "ecosystem": "Ecosystem: ours vs transformers + PEFT",
+          "serve": "Serving: many adapters on one base (scripts/serve_openai_api.py)", "gpu": "GPU: pretraining MFU"}
 
 
 def machine() -> dict:
