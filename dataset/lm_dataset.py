@@ -65,6 +65,23 @@ class JsonlDataset(Dataset):
         """Return what is wrong with a parsed line, or None."""
         raise NotImplementedError
 
+    def prompt_length(self, i) -> int:
+        """Tokens of sample i before its first target token: max_length must exceed it to train on the sample."""
+        raise NotImplementedError
+
+    def check_targets(self, limit=10_000):
+        """Raise DataError when max_length cuts every sample (of the first `limit`) before its first target token,
+        which would train on nothing. Stops at the first sample that keeps one, so a sound file costs one sample."""
+        n, shortest = min(len(self), limit), None
+        for i in range(n):
+            k = self.prompt_length(i)
+            if k < self.max_length:
+                return
+            shortest = k if shortest is None else min(shortest, k)
+        which = f"any of the {n} samples" if n == len(self) else f"the first {n} of the {len(self)} samples"
+        raise DataError(f"--max_seq_len {self.max_length} leaves no answer token in {which} of {self.path} "
+                        f"(the shortest prompt is {shortest} tokens); raise --max_seq_len")
+
     def __len__(self):
         return len(self.offsets)
 
@@ -100,6 +117,9 @@ class PretrainDataset(JsonlDataset):
             return 'missing "text" string field'
         return None
 
+    def prompt_length(self, i) -> int:
+        return 1  # <bos>; every later token is a target
+
     def __getitem__(self, i):
         ids = self.tokenizer.encode(self.record(i)["text"], add_special_tokens=True)[: self.max_length]
         input_ids = torch.tensor(ids, dtype=torch.long)
@@ -126,7 +146,8 @@ class SFTDataset(JsonlDataset):
             return "conversation has no assistant message"
         return None
 
-    def __getitem__(self, i):
+    def _tokens(self, i, max_length=None):
+        """Token ids of sample i (the first max_length) and whether each carries loss."""
         tok = self.tokenizer
         text, spans = "", []  # spans: character ranges that carry loss
         for message in self.record(i)["conversations"]:
@@ -139,10 +160,18 @@ class SFTDataset(JsonlDataset):
         # then label a token when it starts inside a span. (Content that begins with two or more
         # whitespace characters can share its first token with the header's "\n"; that token stays masked.)
         ids, offsets = tok.encode_with_offsets(text)
-        ids, starts = ids[: self.max_length], np.array([s for s, _ in offsets[: self.max_length]])
+        ids, starts = ids[: max_length], np.array([s for s, _ in offsets[: max_length]])
         labeled = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             labeled |= (starts >= start) & (starts < end)
+        return ids, labeled
+
+    def prompt_length(self, i) -> int:
+        labeled = self._tokens(i)[1]
+        return int(labeled.argmax()) if labeled.any() else len(labeled)
+
+    def __getitem__(self, i):
+        ids, labeled = self._tokens(i, self.max_length)
         input_ids = torch.tensor(ids, dtype=torch.long)
         labels = torch.where(torch.from_numpy(labeled), input_ids, IGNORE_INDEX)
         return input_ids, labels

@@ -3,10 +3,14 @@
 `out/full_sft_256.pth` is a plain state dict with Hugging Face Qwen3 key names (MiniMind-compatible);
 `out/full_sft_256.json` beside it holds the `MiniMindConfig`, so our loaders need no architecture flags.
 """
+import codecs
 import json
 import os
 import pickle
 import tempfile
+import types
+import typing
+from dataclasses import fields
 from pathlib import Path
 from typing import Optional
 
@@ -56,19 +60,59 @@ def atomic_json_save(obj, path) -> None:
     atomic_write(path, write)
 
 
-def safe_torch_load(path, map_location="cpu"):
-    """torch.load that never unpickles arbitrary objects; a refused payload becomes one clear error."""
+REPLACE_HINT = "replace it with a good copy (rerun the step that wrote it, or download it again)"
+
+
+def safe_torch_load(path, map_location="cpu", hint: str = REPLACE_HINT):
+    """torch.load that never unpickles arbitrary objects. Any file it cannot read (empty, truncated, damaged,
+    another format) becomes one CheckpointError naming the file, what it is, and `hint` (what to do)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        why = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), "")
-        raise CheckpointError(f"{path}: refused to load, the file holds objects other than tensors "
-                              f"(weights_only=True) {why}".rstrip()) from None
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
+        refused = next((line.strip() for line in str(e).splitlines() if "Unsupported global" in line), None)
+        if refused:
+            raise CheckpointError(f"{path}: refused to load, the file holds objects other than tensors "
+                                  f"(weights_only=True) {refused}") from None
+        problem, fix = _what_is(path, e)
+    except Exception as e:  # by the damage: OSError, EOFError, RuntimeError, KeyError, zip and pickle errors
+        problem, fix = _what_is(path, e)
+    raise CheckpointError(f"{path}: {problem}; {fix or hint}")
+
+
+def _what_is(path: Path, error: Exception) -> tuple[str, Optional[str]]:
+    """What a file that torch.load could not read is (judged by its first and last bytes), and the fix when
+    it is not the caller's hint."""
+    if isinstance(error, PermissionError):
+        return f"cannot be read ({error.strerror})", "check its permissions"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        f.seek(max(0, size - 22))
+        tail = f.read()
+    if not head:
+        return "the file is empty (0 bytes), not a checkpoint", None
+    if path.suffix == ".safetensors":  # torch.load reads these with safetensors
+        return f"not a readable safetensors file ({' '.join(str(error).split())})", None
+    if head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive, which ends with an end record
+        if not tail.startswith(b"PK\x05\x06"):
+            return "truncated (the zip archive has no end record), e.g. by an interrupted copy or download", None
+        return "a zip archive that torch.load cannot read, damaged or not written by torch.save", None
+    if head.startswith(b"\x80\x02\x8a\x0a"):  # the pickled magic number of torch's pre-1.6 format
+        return "damaged or truncated (a torch file of the old, pre-zip format)", None
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the weights", "fetch them with `git lfs pull`"
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < size:  # safetensors: header length, then JSON
+        return "a safetensors file under another name", "rename it to .safetensors"
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(head)
+        if all(c.isprintable() or c in "\t\r\n" for c in text):
+            return f"a text file, not a checkpoint (it starts with {text[:24]!r})", None
+    except UnicodeDecodeError:
+        pass
+    return "not a PyTorch checkpoint (unknown format)", None
 
 
 def clean_state_dict(state_dict: dict) -> dict:
@@ -101,17 +145,63 @@ def save_model(model, path, extra_config: Optional[dict] = None) -> Path:
     return Path(path)
 
 
+SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "head_dim", "intermediate_size", "max_position_embeddings")
+
+
 def load_config(weight_path, **overrides) -> MiniMindConfig:
-    """The config saved beside the weights; for foreign checkpoints (no sidecar), built from overrides."""
+    """The config saved beside the weights; for foreign checkpoints (no sidecar), built from overrides.
+    A sidecar that is not valid JSON, not an object, or has fields of the wrong type raises CheckpointError."""
     cfg_file = config_path(weight_path)
-    if cfg_file.is_file():
+    if not cfg_file.is_file():
+        return MiniMindConfig(**{k: v for k, v in overrides.items() if v is not None})
+    fix = "fix it, or delete it to give the architecture as flags instead (--hidden_size, --num_hidden_layers, ...)"
+    try:
         d = json.loads(cfg_file.read_text(encoding="utf-8"))
-        return MiniMindConfig.from_dict(d)
-    return MiniMindConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+        raise CheckpointError(f"{cfg_file}: the config of {Path(weight_path).name} is not valid JSON ({e}); {fix}") \
+            from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{cfg_file}: the config of {Path(weight_path).name} is a JSON {type(d).__name__}, "
+                              f"not an object of config fields; {fix}")
+    problem = _config_problem(d)
+    if problem is None:
+        try:
+            return MiniMindConfig.from_dict(d)
+        except (TypeError, ValueError, ArithmeticError) as e:
+            problem = str(e)
+    raise CheckpointError(f"{cfg_file}: the config of {Path(weight_path).name} is wrong: {problem}; {fix}")
+
+
+def _config_problem(d: dict) -> Optional[str]:
+    """The first config field whose value has the wrong type, or a size below 1; None if all look right."""
+    hints = typing.get_type_hints(MiniMindConfig)
+    for f in fields(MiniMindConfig):
+        if f.name not in d:
+            continue
+        value, kind = d[f.name], hints[f.name]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[int]: None, or the type
+            if value is None:
+                continue
+            kind = next(t for t in typing.get_args(kind) if t is not type(None))
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)  # Python's True is an int, JSON's is not
+        elif kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            continue
+        if not ok:
+            return f'"{f.name}" is {json.dumps(value)}, expected {"a number" if kind is float else kind.__name__}'
+        if f.name in SIZE_FIELDS and value < 1:
+            return f'"{f.name}" is {value}, expected at least 1'
+    return None
 
 
 def load_state_dict_strict(model, state_dict: dict, source) -> None:
     """load_state_dict(strict=True) whose error names the first mismatching key and both shapes."""
+    _check_base_weights(state_dict, source)
     state_dict = clean_state_dict(state_dict)
     own = model.state_dict()
     for k, v in own.items():
@@ -126,9 +216,25 @@ def load_state_dict_strict(model, state_dict: dict, source) -> None:
                                   f"(--hidden_size, --num_hidden_layers, ...)")
     extra = [k for k in state_dict if k not in own]
     if extra:
-        raise CheckpointError(f"{source}: unexpected key {extra[0]} (and {len(extra) - 1} more); "
-                              f"is this a LoRA adapter? load it with --lora_weight")
+        raise CheckpointError(f"{source}: unexpected key {extra[0]} (and {len(extra) - 1} more); the checkpoint "
+                              f"was made for another architecture (--num_hidden_layers, ...)")
     model.load_state_dict(state_dict, strict=False)
+
+
+def _check_base_weights(state, source) -> None:
+    """Refuse what is no state dict of base weights: another object, an adapter, a resume checkpoint."""
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{source}: holds a {type(state).__name__}, not a state dict of base weights")
+    if any(".lora." in k for k in state) or "__lora_config__" in state:
+        raise CheckpointError(f"{source}: is a LoRA adapter, not base weights; pass the base model here "
+                              f"and the adapter where adapters go (eval_llm.py --lora_weight)")
+    if "optimizer" in state and "model" in state:
+        raise CheckpointError(f"{source}: is a trainer's resume checkpoint, not base weights; pass the weights "
+                              f"the trainer saved ({{save_dir}}/{{save_weight}}_{{hidden_size}}.pth)")
+    bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise CheckpointError(f"{source}: {bad!r} holds a {type(state[bad]).__name__}, not a tensor; "
+                              f"not a state dict of base weights")
 
 
 def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, **config_overrides) -> MiniMindForCausalLM:
@@ -136,9 +242,9 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, **config
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    config = load_config(path, **config_overrides)
-    model = MiniMindForCausalLM(config)
-    load_state_dict_strict(model, safe_torch_load(path), path)
+    state = safe_torch_load(path)
+    model = MiniMindForCausalLM(load_config(path, **config_overrides))
+    load_state_dict_strict(model, state, path)
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 

@@ -110,7 +110,7 @@ class Engine:
             self.cond.notify()
 
     def complete(self, req: Request, timeout: Optional[float] = None) -> dict:
-        """Submit and wait: the final event ({"finish_reason", "text", ...} or {"error"})."""
+        """Submit and wait: the final event ({"finish_reason", "text", ...} or {"error", "status"?})."""
         done, events = threading.Event(), []
         req.emit = lambda e: (events.append(e), ("delta" not in e) and done.set())
         self.submit(req)
@@ -173,13 +173,13 @@ class Engine:
                 continue
             if req.adapter is not None and req.adapter not in self.adapters:
                 self.waiting.remove(req)
-                req.emit({"error": f"adapter {req.adapter!r} was unloaded before the request started"})
+                req.emit({"error": f"adapter {req.adapter!r} was unloaded before the request started", "status": 404})
                 continue
             try:
                 slot = self._slot_for(req)
             except LoRAError as e:  # the file changed on disk since it was registered
                 self.waiting.remove(req)
-                req.emit({"error": str(e)})
+                req.emit({"error": str(e), "status": 400})
                 continue
             if slot is None:
                 continue  # every slot holds an adapter that running requests use: wait for one to finish

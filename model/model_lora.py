@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.checkpoint import (REPO_ROOT, CheckpointError, atomic_torch_save, atomic_write, clean_state_dict,
-                              safe_torch_load, unwrap)
+from model.checkpoint import (REPLACE_HINT, REPO_ROOT, CheckpointError, atomic_torch_save, atomic_write,
+                              clean_state_dict, safe_torch_load, unwrap)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_KEY = "__lora_config__"          # extra .pth key; MiniMind's loader only reads keys containing `.lora.`
@@ -150,7 +150,7 @@ def _wrap(root: nn.Module, name: str, layer: nn.Module) -> LoRALinear:
     if isinstance(layer, LoRALinear):
         return layer
     parent_name, _, leaf = name.rpartition(".")
-    wrapped = LoRALinear(layer)
+    wrapped = LoRALinear(layer).train(layer.training)  # a new module is in training mode; keep the model's
     setattr(root.get_submodule(parent_name) if parent_name else root, leaf, wrapped)
     return wrapped
 
@@ -175,8 +175,9 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, dropout: float = 0.0, ta
         raise LoRAError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
     for name, layer in targets:
         w = layer.weight
-        _wrap(root, name, layer).lora[adapter_name] = LoRA(layer.in_features, layer.out_features, rank, alpha,
-                                                           dropout, use_rslora, device=w.device, dtype=w.dtype)
+        lora = LoRA(layer.in_features, layer.out_features, rank, alpha, dropout, use_rslora, device=w.device,
+                    dtype=w.dtype)
+        _wrap(root, name, layer).lora[adapter_name] = lora.train(root.training)  # follow the model's mode
     mark_only_lora_trainable(root, adapter_name)
     set_adapter(root, adapter_name)
     return adapter_stats(root, adapter_name)
@@ -349,8 +350,11 @@ def save_lora(model, path, adapter_name: Optional[str] = None) -> Path:
 
 def read_lora_file(path) -> dict:
     """The file's tensors (prefixes stripped) and, if present, its config JSON under CONFIG_KEY.
-    Never unpickles objects: safetensors, or torch.load(weights_only=True)."""
+    Never unpickles objects: safetensors, or torch.load(weights_only=True). A folder is read as a PEFT adapter."""
     path = Path(path)
+    if path.is_dir():
+        from model.peft_io import read_peft_folder  # imported here: peft_io builds on this module
+        return read_peft_folder(path)
     if not path.is_file():
         raise LoRAError(f"{path}: no such file")
     if path.suffix == ".safetensors":
@@ -360,7 +364,7 @@ def read_lora_file(path) -> dict:
                 state = {k: f.get_tensor(k) for k in f.keys()}
                 config = (f.metadata() or {}).get(SAFETENSORS_CONFIG_KEY)
         except Exception as e:  # safetensors raises its own error types
-            raise LoRAError(f"{path}: not a readable safetensors file ({e})") from None
+            raise LoRAError(f"{path}: not a readable safetensors file ({e}); {REPLACE_HINT}") from None
         if config is not None:
             state[CONFIG_KEY] = config
     else:
@@ -374,10 +378,10 @@ def read_lora_file(path) -> dict:
 
 
 def find_adapter(name_or_path, hidden_size: Optional[int] = None, out_dir=REPO_ROOT / "out") -> Path:
-    """An existing file as given, else MiniMind's naming: {out}/lora/{name}_{h}.pth, then {out}/{name}_{h}.pth
-    (.safetensors after .pth; without hidden_size, {name}.pth)."""
+    """An existing file (or PEFT adapter folder) as given, else MiniMind's naming: {out}/lora/{name}_{h}.pth,
+    then {out}/{name}_{h}.pth (.safetensors after .pth; without hidden_size, {name}.pth)."""
     given = Path(name_or_path)
-    if given.is_file():
+    if given.is_file() or given.is_dir():
         return given
     stem = f"{given.name}_{hidden_size}" if hidden_size else given.name
     tried = [Path(out_dir) / sub / f"{stem}{ext}" for sub in ("lora", ".") for ext in (".pth", ".safetensors")]
@@ -479,6 +483,7 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
             lora = LoRA(layer.in_features, layer.out_features, rank, alpha, config.get("dropout", 0.0),
                         device=layer.weight.device, dtype=layer.weight.dtype)
             lora.requires_grad_(False)  # loaded for inference; apply_lora then load into its name to train on
+            lora.train(root.training)  # a new module is in training mode: its dropout would fire in an eval model
             layer.lora[adapter_name] = lora
         lora.set_scale(alpha, use_rslora)  # the file records what was trained: it wins
         with torch.no_grad():

@@ -220,6 +220,10 @@ class MiniMindModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+# Hugging Face generate() arguments that this generate() takes only at their default values.
+HF_DEFAULT_ONLY = {"num_beams": 1, "num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False}
+
+
 class MiniMindForCausalLM(nn.Module):
     def __init__(self, config: MiniMindConfig):
         super().__init__()
@@ -244,16 +248,21 @@ class MiniMindForCausalLM(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def forward(self, input_ids, labels=None, attention_mask=None, past_key_values: Optional[KVCache] = None,
-                use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+                use_cache: bool = False, logits_to_keep: int = 0,
+                position_ids: Optional[torch.Tensor] = None) -> CausalLMOutput:
         """attention_mask (B, T_past + T), 1 = real token, is only needed for left-padded batches.
         logits_to_keep > 0 computes logits for the last positions only (generation needs one).
+        position_ids (B, T): each token's RoPE position (default: past .. past + T - 1 for every row).
         With labels the loss is computed without the (B, T, vocab) logits; `.logits` builds them if read."""
         B, T = input_ids.shape
         cache = past_key_values if past_key_values is not None else (
             KVCache(self.config.num_hidden_layers) if use_cache else None)
         past = cache.length if cache is not None else 0  # a (B,) tensor in a RowKVCache: one position per row
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self._rope(past, T, x.device, x.dtype)
+        if position_ids is None:
+            cos, sin = self._rope(past, T, x.device, x.dtype)
+        else:
+            cos, sin = self._rope_at(position_ids, x.dtype)
         mask = self._attention_bias(attention_mask, T, past, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
@@ -287,6 +296,11 @@ class MiniMindForCausalLM(nn.Module):
             return table[0][pos][:, None], table[1][pos][:, None]
         return table[0][past:past + T], table[1][past:past + T]
 
+    def _rope_at(self, position_ids, dtype):
+        """cos and signed sin at explicit positions (B, T), shaped (B, 1, T, head_dim) to broadcast over heads."""
+        cos, sin = self._rope(0, int(position_ids.max()) + 1, position_ids.device, dtype)
+        return cos[position_ids][:, None], sin[position_ids][:, None]
+
     @staticmethod
     def _attention_bias(attention_mask, T, past, device):
         """None when plain causal attention is right (the fast path); else a boolean (B, 1, T, past+T) mask."""
@@ -305,35 +319,85 @@ class MiniMindForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def stream_generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                        top_k: int = 0, eos_token_id: Optional[int] = None, attention_mask=None,
-                        repetition_penalty: float = 1.0) -> Iterator[torch.Tensor]:
-        """Yield the next tokens, shape (B,), one step at a time, reusing the KV cache.
-        temperature 0 is greedy; rows that have produced eos keep yielding eos."""
-        eos = self.config.eos_token_id if eos_token_id is None else eos_token_id
+                        top_k: int = 0, eos_token_id=None, attention_mask=None, repetition_penalty: float = 1.0,
+                        pad_token_id: Optional[int] = None) -> Iterator[torch.Tensor]:
+        """Yield the next tokens, shape (B,), one step at a time, reusing the KV cache; stop once every row is done.
+        temperature 0 is greedy. eos_token_id: an int or a list of ints (default: the config's; -1 never stops).
+        A row that has produced eos yields pad_token_id from then on (its first eos when pad_token_id is None).
+        attention_mask (B, T), 0 on left padding: a row's positions start at 0 at its first real token, as in
+        Hugging Face's generate, so a padded row decodes as its prompt alone would."""
+        device = input_ids.device
+        eos = torch.tensor(self.config.eos_token_id if eos_token_id is None else eos_token_id, device=device).flatten()
+        fill = eos[0] if pad_token_id is None else torch.tensor(pad_token_id, device=device)
         cache = KVCache(self.config.num_hidden_layers)
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         seen = input_ids
-        out = self(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for _ in range(max_new_tokens):
+        positions = None
+        if attention_mask is not None:
+            positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+        out = self(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                   position_ids=positions)
+        for step in range(max_new_tokens):
             logits = out.logits[:, -1].float()
             if repetition_penalty != 1.0:
                 prev = logits.gather(1, seen)
                 logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
             token = sample_next(logits, temperature, top_p, top_k)
-            token = torch.where(done, torch.full_like(token, eos), token)
-            done |= token == eos
+            token = torch.where(done, fill, token)
+            done |= torch.isin(token, eos)
             yield token
-            if bool(done.all()):
+            if bool(done.all()) or step == max_new_tokens - 1:
                 return
             seen = torch.cat([seen, token[:, None]], dim=1) if repetition_penalty != 1.0 else seen
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
-            out = self(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+                positions = positions[:, -1:] + 1
+            out = self(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                       position_ids=positions)
 
-    def generate(self, input_ids, max_new_tokens: int = 256, **kwargs) -> torch.Tensor:
-        """Prompt followed by the generated tokens, (B, T + new), like Hugging Face's generate."""
-        new = list(self.stream_generate(input_ids, max_new_tokens, **kwargs))
-        return torch.cat([input_ids] + [t[:, None] for t in new], dim=1)
+    def generate(self, input_ids=None, max_new_tokens: Optional[int] = None, *, attention_mask=None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                 repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id: Optional[int] = None,
+                 max_length: Optional[int] = None, streamer=None, inputs=None, **hf_kwargs) -> torch.Tensor:
+        """Prompt followed by the generated tokens, (B, T + new), taking Hugging Face's keyword arguments with their
+        meaning, so code written for transformers' (or MiniMind's) `model.generate` runs unchanged:
+        - greedy unless do_sample=True, whatever the temperature (as in HF); temperature 0 is greedy as well.
+        - sampling applies temperature, then top_k (HF's default 50; 0 turns it off), then top_p.
+        - repetition_penalty as HF's: a seen token's logit (prompt included) is divided by it if positive, else
+          multiplied.
+        - eos_token_id: an int or a list (default: the config's). A finished row is padded with pad_token_id (with
+          its eos when pad_token_id is None); generation stops when every row has finished.
+        - attention_mask marks left padding; each row's positions count from its first real token, as HF's.
+        - max_new_tokens (default 256), or max_length counting the prompt; `inputs=` is another name for input_ids;
+          streamer: an HF streamer (put(prompt), put(tokens) each step, end()).
+        - use_cache is accepted and ignored (the KV cache only saves time); num_beams, num_return_sequences,
+          return_dict_in_generate and output_scores only at their defaults (ValueError otherwise). Any other
+          keyword is a TypeError rather than silently ignored."""
+        if inputs is not None:
+            if input_ids is not None:
+                raise TypeError("generate() got both input_ids and inputs; pass one")
+            input_ids = inputs
+        hf_kwargs.pop("use_cache", None)
+        for name, value in hf_kwargs.items():
+            if name not in HF_DEFAULT_ONLY:
+                raise TypeError(f"generate() got an unexpected keyword argument '{name}'")
+            if value != HF_DEFAULT_ONLY[name]:
+                raise ValueError(f"generate() supports only {name}={HF_DEFAULT_ONLY[name]!r}, got {value!r}")
+        if max_new_tokens is None:
+            max_new_tokens = 256 if max_length is None else max(max_length - input_ids.shape[1], 0)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        new = []
+        for token in self.stream_generate(input_ids, max_new_tokens, temperature=temperature if do_sample else 0.0,
+                                          top_p=top_p, top_k=top_k, eos_token_id=eos_token_id,
+                                          attention_mask=attention_mask, repetition_penalty=repetition_penalty,
+                                          pad_token_id=pad_token_id):
+            new.append(token[:, None])
+            if streamer is not None:
+                streamer.put(token.cpu())
+        if streamer is not None:
+            streamer.end()
+        return torch.cat([input_ids] + new, dim=1)
 
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB fp32): big enough for fast matmuls, small enough to reuse

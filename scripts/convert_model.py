@@ -1,11 +1,18 @@
-"""Merge an adapter into a base checkpoint, or export a checkpoint as a Hugging Face Qwen3 folder.
+"""Merge an adapter into a base checkpoint; convert checkpoints and adapters to and from Hugging Face / PEFT.
 
     python scripts/convert_model.py --merge --weight out/full_sft_256.pth \\
         --lora out/lora/lora_identity_256.pth --out out/full_sft_identity_256.pth
     python scripts/convert_model.py --to_hf out/hf_minimind --weight out/full_sft_256.pth [--lora lora_identity]
+    python scripts/convert_model.py --to_peft out/peft_identity --weight out/full_sft_256.pth \\
+        --lora lora_identity [--base_model_name_or_path out/hf_minimind]
+    python scripts/convert_model.py --from_peft out/peft_identity --out out/lora/lora_identity_256.safetensors
+    python scripts/convert_model.py --from_hf path/to/Qwen3-or-MiniMind-folder --out out/full_sft_768.pth
 
-Our keys are Hugging Face Qwen3's, so the export is a copy (the tied lm_head is left to HF to re-tie).
-Every file is written atomically; the merge is done in fp32 and saved in the base file's dtype.
+Our keys are Hugging Face Qwen3's, so the export is a copy (the tied lm_head is left to HF to re-tie); a PEFT
+adapter is our A and B under PEFT's key names (model/peft_io.py); a Qwen3 or MiniMind transformers folder
+imports the same way back (model/hf_io.py). `load_lora` and eval_llm.py's --lora_weight
+read a PEFT folder directly. Every file is written atomically; the merge is done in fp32 and saved in the base
+file's dtype. Errors are one `error: ...` line with exit code 2, and nothing is written.
 """
 import argparse
 import json
@@ -19,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.checkpoint import (REPO_ROOT, CheckpointError, atomic_json_save, atomic_write, hf_config_dict,  # noqa: E402
                               load_config, load_state_dict_strict, safe_torch_load, save_model)
-from model.model_lora import find_adapter, load_lora, merge_lora, unload_lora  # noqa: E402
+from model.model_lora import find_adapter, load_lora, merge_lora, read_lora_file, unload_lora  # noqa: E402
 from model.model_minimind import MiniMindForCausalLM  # noqa: E402
+from model.hf_io import convert_hf_folder  # noqa: E402
+from model.peft_io import read_peft_folder, save_lora_file, save_peft_folder  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
@@ -63,34 +72,87 @@ def export_hf(model: MiniMindForCausalLM, out_dir, dtype: torch.dtype, tokenizer
             atomic_write(out_dir / name, lambda tmp, n=name: shutil.copyfile(Path(tokenizer_dir) / n, tmp))
 
 
+def merge(args) -> str:
+    model, dtype = load_merged(args.weight, args.lora, **args.arch)
+    save_model(model.to(args.dtype or dtype), args.out,
+               extra_config={"merged_from": {"weight": str(args.weight), "lora": str(args.lora)}})
+    return f"merged {args.lora} into {args.weight} -> {args.out}"
+
+
+def to_hf(args) -> str:
+    model, dtype = load_merged(args.weight, args.lora, **args.arch)
+    export_hf(model, args.to_hf, args.dtype or dtype)
+    return f"exported {args.weight}{' + ' + args.lora if args.lora else ''} -> {args.to_hf} (Qwen3)"
+
+
+def to_peft(args) -> str:
+    model, _ = load_merged(args.weight, **args.arch)  # the base the adapter must fit
+    path = find_adapter(existing(args.lora), model.config.hidden_size)
+    save_peft_folder(read_lora_file(path), args.to_peft, model,
+                     args.base_model_name_or_path or str(args.weight), source=str(path))
+    return f"exported {path} -> {args.to_peft} (PEFT LoRA)"
+
+
+def from_peft(args) -> str:
+    save_lora_file(read_peft_folder(existing(args.from_peft)), args.out)
+    return f"converted {args.from_peft} (PEFT LoRA) -> {args.out}"
+
+
+def from_hf(args) -> str:
+    convert_hf_folder(existing(args.from_hf), args.out, args.dtype)
+    return f"converted {args.from_hf} (Hugging Face) -> {args.out} (+ .json config)"
+
+
+# mode: (what it does, the options it needs); every mode is one function of the parsed args above.
+MODES = {
+    "merge": (merge, ("weight", "lora", "out")),
+    "to_hf": (to_hf, ("weight",)),
+    "to_peft": (to_peft, ("weight", "lora")),
+    "from_peft": (from_peft, ("out",)),
+    "from_hf": (from_hf, ("out",)),
+}
+
+
+def fail(message: str):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage first; every error here is one line
+        fail(message)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="merge --lora into --weight, save to --out")
     mode.add_argument("--to_hf", metavar="DIR", help="export --weight (merged with --lora if given) to DIR")
-    p.add_argument("--weight", required=True, help="base checkpoint, e.g. out/full_sft_256.pth")
-    p.add_argument("--lora", help="adapter file, or a name looked up in out/lora/ then out/")
-    p.add_argument("--out", help="merged checkpoint to write (its .json config is written beside it)")
+    mode.add_argument("--to_peft", metavar="DIR", help="export adapter --lora of base --weight as a PEFT folder")
+    mode.add_argument("--from_peft", metavar="DIR", help="convert a PEFT LoRA folder to our adapter file --out")
+    mode.add_argument("--from_hf", metavar="DIR", help="convert a Qwen3 / MiniMind transformers folder to our "
+                                                       "checkpoint --out (.pth + .json)")
+    p.add_argument("--weight", help="base checkpoint, e.g. out/full_sft_256.pth")
+    p.add_argument("--lora", help="adapter file (or PEFT folder), or a name looked up in out/lora/ then out/")
+    p.add_argument("--out", help="--merge, --from_hf: checkpoint to write (its .json config beside it); "
+                                 "--from_peft: adapter file, .pth or .safetensors")
+    p.add_argument("--base_model_name_or_path", help="--to_peft: recorded in adapter_config.json, e.g. the "
+                                                     "--to_hf folder of the same base (default: --weight)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the base file's")
     p.add_argument("--hidden_size", type=int, help="only for checkpoints without a .json config")
     p.add_argument("--num_hidden_layers", type=int, help="only for checkpoints without a .json config")
     args = p.parse_args(argv)
-    if args.merge and not (args.lora and args.out):
-        p.error("--merge needs --lora and --out")
+    name = next(m for m in MODES if getattr(args, m))
+    run, needs = MODES[name]
+    missing = [f"--{o}" for o in needs if not getattr(args, o)]
+    if missing:
+        fail(f"--{name} needs {' and '.join(missing)}")
+    args.dtype = getattr(torch, args.dtype) if args.dtype else None
+    args.arch = {"hidden_size": args.hidden_size, "num_hidden_layers": args.num_hidden_layers}
     try:
-        model, dtype = load_merged(args.weight, args.lora, hidden_size=args.hidden_size,
-                                   num_hidden_layers=args.num_hidden_layers)
-        dtype = getattr(torch, args.dtype) if args.dtype else dtype
-        if args.merge:
-            save_model(model.to(dtype), args.out, extra_config={"merged_from": {"weight": str(args.weight),
-                                                                                "lora": str(args.lora)}})
-            print(f"merged {args.lora} into {args.weight} -> {args.out}")
-        else:
-            export_hf(model, args.to_hf, dtype)
-            print(f"exported {args.weight}{' + ' + args.lora if args.lora else ''} -> {args.to_hf} (Qwen3)")
+        print(run(args))
     except (CheckpointError, OSError, json.JSONDecodeError) as e:  # LoRAError is a CheckpointError
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": spec["model"]}
         first = await next_event(request, req, events)
         if "error" in first:  # nothing sent yet: a plain HTTP error
-            raise APIError(500, first["error"])
+            raise APIError(first.get("status", 500), first["error"])
         if spec["stream"]:
             return StreamingResponse(stream(request, req, events, first, head, spec["include_usage"]),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -264,7 +264,7 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
             text.append(event["delta"])
             event = await next_event(request, req, events)
         if "error" in event:
-            raise APIError(500, event["error"])
+            raise APIError(event.get("status", 500), event["error"])
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                              "logprobs": None, "finish_reason": event["finish_reason"]}],

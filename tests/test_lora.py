@@ -410,3 +410,19 @@ def test_add_to_equals_y_plus_branch():
     x, y = torch.randn(2, 5, 16), torch.randn(2, 5, 24)
     torch.testing.assert_close(lora.add_to(y, x), y + lora(x), atol=1e-5, rtol=0)
     assert lora.add_to(y, x).shape == (2, 5, 24)
+
+
+def test_an_adapter_with_dropout_loaded_into_an_eval_model_is_deterministic(tmp_path):
+    # A new module starts in training mode; loaded into an eval model its dropout must not fire.
+    model = base_model()
+    apply_lora(model, rank=4, dropout=0.5, target_modules="all-linear")
+    randomize_B(model)
+    save_lora(model, tmp_path / "a.pth")
+    served = base_model().eval()
+    load_lora(served, tmp_path / "a.pth")
+    first = logits(served)
+    assert torch.equal(first, logits(served))
+    assert torch.allclose(first, logits(model.eval()), atol=1e-5)
+    fresh = base_model().eval()
+    apply_lora(fresh, rank=4, dropout=0.5)
+    assert all(not m.training for _, layer in lora_layers(fresh) for m in layer.lora.modules())

@@ -125,9 +125,9 @@ def test_generate_stops_at_eos_and_sampling_is_seeded(tiny_model):
     out = tiny_model.generate(x, max_new_tokens=50, temperature=0.0, eos_token_id=first)
     assert out.shape[1] == 5 and out[0, -1].item() == first
     torch.manual_seed(1)
-    s1 = tiny_model.generate(x, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, eos_token_id=-1)
+    s1 = tiny_model.generate(x, max_new_tokens=20, do_sample=True, temperature=1.0, top_p=0.9, top_k=50, eos_token_id=-1)
     torch.manual_seed(1)
-    s2 = tiny_model.generate(x, max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=50, eos_token_id=-1)
+    s2 = tiny_model.generate(x, max_new_tokens=20, do_sample=True, temperature=1.0, top_p=0.9, top_k=50, eos_token_id=-1)
     assert torch.equal(s1, s2)
 
 

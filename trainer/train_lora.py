@@ -38,7 +38,8 @@ def main(argv=None):
     return fit(args, SFTDataset, prepare_model=prepare,
                save=lambda model: save_lora(model, out, args.lora_name),
                trainable_state=lambda model: lora_state_dict(model, args.lora_name),
-               load_trainable_state=lambda model, state: load_lora_state_dict(model, state, args.lora_name))
+               load_trainable_state=lambda model, state: load_lora_state_dict(
+                   model, state, args.lora_name, source="the resume checkpoint's adapter"))
 
 
 if __name__ == "__main__":

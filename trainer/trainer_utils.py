@@ -28,8 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # scripts run as `python trainer/train_x.py` from any directory
     sys.path.insert(0, str(REPO_ROOT))
 
-from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, safe_torch_load,  # noqa: E402
-                              save_model, unwrap)
+from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, load_state_dict_strict,  # noqa: E402
+                              safe_torch_load, save_model, unwrap)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from dataset.lm_dataset import DataError, LengthGroupedBatchSampler, PadCollator  # noqa: E402
 
@@ -333,6 +333,7 @@ def _optimizer_step(net, optimizer, group, rt: Runtime, args, trainable) -> torc
     n_targets = torch.tensor(float(sum(int((b["labels"][:, 1:] != -100).sum()) for b in group)), device=rt.device)
     if rt.world_size > 1:
         dist.all_reduce(n_targets)  # async on the device: no host sync
+    n_targets = n_targets.clamp(min=1)  # a step whose samples all lost their answers to truncation adds 0, not 0/0
     step_loss = torch.zeros((), device=rt.device)
     for i, batch in enumerate(group):
         input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
@@ -410,22 +411,35 @@ def _log_eval(model, eval_dataset, collate, args, rt, state, bar, wandb_run):
         wandb_run.log({"eval_loss": loss}, step=state.step)
 
 
+RESUME_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "batches_in_epoch", "tokens_seen", "history",
+               "world_size", "batch_size", "accumulation_steps", "rng")
+
+
 def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state, args) -> TrainState:
     if not path.is_file():
         raise TrainError(f"--from_resume 1: no resume checkpoint at {path}; start without --from_resume "
                          f"(or with the same --save_dir/--save_weight/--hidden_size as the run to continue)")
-    ckpt = safe_torch_load(path)
+    start_over = "delete it and start again without --from_resume"
+    ckpt = safe_torch_load(path, hint=start_over)
+    missing = [k for k in RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["model"]
+    if missing:
+        raise TrainError(f"{path}: not a resume checkpoint (no {missing[0]!r} entry); {start_over}")
     same = (ckpt["world_size"], ckpt["batch_size"], ckpt["accumulation_steps"]) == (
         rt.world_size, args.batch_size, args.accumulation_steps)
     if not same:
         raise TrainError(f"{path}: saved with {ckpt['world_size']} processes x --batch_size {ckpt['batch_size']} x "
                          f"--accumulation_steps {ckpt['accumulation_steps']}; resume with the same values")
-    load_trainable_state(model, ckpt["model"])
+    try:
+        load_trainable_state(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if rt.scaler and ckpt["scaler"]:
+            rt.scaler.load_state_dict(ckpt["scaler"])
+        restore_rng(ckpt["rng"])
+    except (CheckpointError, ValueError, KeyError, TypeError) as e:
+        reason = " ".join(str(e).split())
+        raise TrainError(f"{path}: does not fit this run ({reason}); resume with the flags of the run that saved "
+                         f"it, or {start_over}") from None
     model.to(rt.device)
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if rt.scaler and ckpt["scaler"]:
-        rt.scaler.load_state_dict(ckpt["scaler"])
-    restore_rng(ckpt["rng"])
     args.wandb_id = ckpt.get("wandb_id")
     if rt.is_main:
         print(f"resumed from {path} at step {ckpt['step']}")
@@ -467,7 +481,7 @@ def plot_loss(history, path: Path, title: str) -> Optional[Path]:
 
 def load_full_state(model, state_dict: dict) -> None:
     """Resume of full-parameter training: every weight comes from the checkpoint."""
-    model.load_state_dict(state_dict)
+    load_state_dict_strict(model, state_dict, "its weights")
 
 
 def fit_full(args, dataset_cls) -> "TrainState":
@@ -499,12 +513,18 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
     """What every trainer does around the loop: runtime, tokenizer, data, model, train, plot, report.
     prepare_model(model) -> list of trainable parameters (and applies LoRA, for train_lora)."""
     from model.tokenizer import Tokenizer
+    if args.max_seq_len < 2:
+        raise TrainError(f"--max_seq_len {args.max_seq_len}: a sample needs at least 2 tokens (one to read, one to "
+                         f"predict); raise --max_seq_len")
     rt = setup_runtime(args)
     tokenizer = Tokenizer()
     dataset = dataset_cls(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
     if args.skip_bad_lines and dataset.n_skipped and rt.is_main:
         print(f"{args.data_path}: skipped {dataset.n_skipped} malformed lines")
+    dataset.check_targets()
     eval_dataset = dataset_cls(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
+    if eval_dataset is not None:
+        eval_dataset.check_targets()
     model = init_model(args, tokenizer.vocab_size)
     trainable = prepare_model(model)
     collate = PadCollator(tokenizer.pad_token_id)
