@@ -62,6 +62,7 @@ class Engine:
         self.stopping = False
         self.thread: Optional[threading.Thread] = None
         self.steps = 0
+        self.peak_rows = 0  # the largest batch decoded so far
 
     # ---- registry and submission (any thread)
 
@@ -134,7 +135,7 @@ class Engine:
     def stats(self) -> dict:
         with self.cond:
             return {"running": len(self.rows), "waiting": len(self.waiting), "registered": len(self.adapters),
-                    "resident": list(self.resident), "steps": self.steps}
+                    "resident": list(self.resident), "steps": self.steps, "peak_batch": self.peak_rows}
 
     # ---- the engine thread
 
@@ -246,6 +247,7 @@ class Engine:
         logits = self.model(ids, past_key_values=self.cache, use_cache=True).logits[:, -1].float()
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
+        self.peak_rows = max(self.peak_rows, len(self.rows))
         for i in live:
             self.lens[i] += 1
             self._accept(self.rows[i], logits[i:i + 1], greedy[i])

@@ -136,9 +136,9 @@ def parse_chat(body, names, tok, max_seq_len) -> dict:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}] needs a role out of {', '.join(ROLES)}", "messages")
         chat.append({"role": m["role"], "content": _content(m, i)})
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n")
-    stream = body.get("stream", False)
+    stream = body.get("stream") or False  # null is "not set", as in OpenAI's API
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", "stream")
     options = body.get("stream_options") or {}

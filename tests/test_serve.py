@@ -139,12 +139,10 @@ def test_twelve_concurrent_streams_over_three_models_equal_their_solo_replies(cl
                                                            "最近老是头痛，有什么建议吗？")]
     jobs = [(model, prompts[i % 4]) for i, model in enumerate([BASE, "lora_a", "lora_b"] * 4)]
     solo = {(m, p[0]["content"]): ask(client, m, p, max_tokens=16).choices[0].message.content for m, p in jobs}
-    steps_before = server[1].steps
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         got = list(pool.map(lambda job: ask_stream(client, job[0], job[1], max_tokens=16)[0], jobs))
     assert got == [solo[(m, p[0]["content"])] for m, p in jobs]
-    # Batched: 12 replies of 16 tokens took far fewer than 12 * 15 decode steps.
-    assert server[1].steps - steps_before < 6 * 15
+    assert server[1].stats()["peak_batch"] >= 4  # they were decoded together, not one after another
 
 
 def test_more_requests_than_max_batch_queue_and_all_finish(out):
@@ -154,6 +152,9 @@ def test_more_requests_than_max_batch_queue_and_all_finish(out):
         with concurrent.futures.ThreadPoolExecutor(7) as pool:
             got = list(pool.map(lambda _: ask(c, "lora_a").choices[0].message.content, range(7)))
         assert got == [solo] * 7
+        deadline = time.time() + 10  # the last row leaves the batch just after its final event
+        while engine.stats()["running"] and time.time() < deadline:
+            time.sleep(0.01)
         assert engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0
 
 
