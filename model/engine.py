@@ -23,7 +23,7 @@ class EngineError(ValueError):
     """A request or registration the engine refuses; the message is one line for the client."""
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests with the same fields are still two requests
 class Request:
     prompt: list                      # token ids, chat template applied
     adapter: Optional[str] = None     # a registered adapter's name, or None for the bare base
@@ -153,10 +153,15 @@ class Engine:
                         self._prefill(req)
                     if self.rows:
                         self._step()
-                except Exception as e:  # a bug or out of memory: fail the running requests, keep serving
-                    for req in self.rows:
-                        req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
-                        req.cancelled = True
+                except Exception as e:  # a bug or out of memory: fail the requests in flight, keep serving
+                    for req in dict.fromkeys(self.rows + joining):
+                        if not req.cancelled:
+                            req.emit({"error": f"generation failed: {type(e).__name__}: {e}"})
+                            req.cancelled = True
+                    with self.cond:  # a request whose prefill failed never got a row: release its slot here
+                        for req in joining:
+                            if req not in self.rows:
+                                self.in_use[req.slot] -= 1
                 self._leave()
 
     def _admissible(self) -> bool:

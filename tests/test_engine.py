@@ -136,3 +136,25 @@ def test_engine_stop_tokens_lru_and_refusals(adapters):
         assert engine.free_slots == [1]
     finally:
         engine.stop()
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_keeps_serving(adapters):
+    tok = Tokenizer()
+    model = varied_model(0)
+    engine = Engine(model, tok, max_batch=2, max_seq_len=64, max_loras=1).start()
+    try:
+        engine.register("a", adapters / "a.pth")
+        prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+        good = engine.complete(Request(prompt, "a", max_tokens=4), timeout=30)
+        real_forward = model.forward
+        model.forward = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("out of memory"))
+        failed = engine.complete(Request(prompt, "a", max_tokens=4), timeout=30)
+        assert failed == {"error": "generation failed: RuntimeError: out of memory"}
+        model.forward = real_forward
+        assert engine.complete(Request(prompt, "a", max_tokens=4), timeout=30) == good
+        deadline = time.time() + 10
+        while engine.in_use[1] and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.in_use[1] == 0  # the failed request's slot was released
+    finally:
+        engine.stop()
