@@ -263,8 +263,9 @@ def bench_inference(args):
         all_linear = copy.deepcopy(base)
         apply_lora(all_linear, rank=8, alpha=16, target_modules="all-linear")
         randomize_lora_B(all_linear)
-        models = {"base": base, "LoRA r=8 q,o unmerged": unmerged, "LoRA r=8 q,o merged": merged,
-                  "LoRA r=8 all-linear unmerged": all_linear}
+        # "base copy" is the same model again: its ratio to base is the noise floor a difference must clear.
+        models = {"base": base, "base copy": copy.deepcopy(base), "LoRA r=8 q,o unmerged": unmerged,
+                  "LoRA r=8 q,o merged": merged, "LoRA r=8 all-linear unmerged": all_linear}
         fns = {name: (lambda m=m: m.generate(prompt, max_new_tokens=new_tokens, temperature=0, eos_token_id=-1))
                for name, m in models.items()}
         t = interleaved(fns, args.repeats, dev)
@@ -288,8 +289,13 @@ def bench_inference(args):
             rows.append({"scale": scale_name(dims), "what": what, "tokens/s": None, "ms": 1e3 * med(ts) / per,
                          "vs base": None})
         m, u = vs_base["LoRA r=8 q,o merged"], vs_base["LoRA r=8 q,o unmerged"]
+        lo_m, _, hi_m = spread(t["base"], t["LoRA r=8 q,o merged"])
+        lo_c, _, hi_c = spread(t["base"], t["base copy"])
         notes.append(f"ratio merged/base tokens/s at {scale_name(dims)}: {m:.3f} (target >= 0.97: {verdict(m >= 0.97)}); "
-                     f"unmerged/base: {u:.3f} (target >= 0.85: {verdict(u >= 0.85)})")
+                     f"unmerged/base: {u:.3f} (target >= 0.85: {verdict(u >= 0.85)}); paired merged/base ratios "
+                     f"{lo_m:.3f}-{hi_m:.3f} against {lo_c:.3f}-{hi_c:.3f} for base copy/base (the noise floor: the "
+                     f"same model timed twice): merged's median is {'inside' if lo_c <= m <= hi_c else 'outside'} "
+                     f"the noise floor's range")
     notes.append(f"Greedy decode, batch 1, 16-token prompt, {new_tokens} new tokens (eos disabled); tokens/s = "
                  f"new tokens / whole generate() time, prefill included.")
     return rows, notes
