@@ -369,6 +369,7 @@ def read_eval_file(path: str, tok, args) -> EvalFile:
         record = None  # the conversation reader names the line and what is wrong with it
     is_text = isinstance(record, dict) and "text" in record and "conversations" not in record
     dataset = (EvalTexts if is_text else EvalConversations)(path, tok, args.max_seq_len)
+    dataset.check_targets()  # a --max_seq_len that cuts every answer would score a ppl of 1.00 on nothing
     n = min(len(dataset), args.eval_limit) if args.eval_limit > 0 else len(dataset)
     prompts, expects, mentions = [], [], []
     for i in range(n):

@@ -216,6 +216,14 @@ def test_bad_eval_file_names_file_and_line(out, tmp_path, capsys, content, expec
     bad_input(base_args(out, "--eval", str(data)), capsys, str(data), expected)
 
 
+def test_eval_max_seq_len_that_cuts_every_answer_is_refused(out, tmp_path, capsys):
+    data = tmp_path / "eval.jsonl"
+    data.write_text('{"conversations": [{"role": "user", "content": "a long enough question"}, '
+                    '{"role": "assistant", "content": "yes"}]}\n')
+    bad_input(base_args(out, "--eval", str(data), "--max_seq_len", "6"), capsys, str(data),
+              "--max_seq_len 6 leaves no answer token")
+
+
 def test_contains_matches_whole_ascii_words():
     assert eval_llm.contains("A spider has 8 legs.", "8") and not eval_llm.contains("It is 18.", "8")
     assert eval_llm.contains("Four legs", "four") and not eval_llm.contains("fourteen legs", "four")
