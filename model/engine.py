@@ -38,6 +38,9 @@ class Request:
     cancelled: bool = False
     slot: int = 0
     sent: int = 0                     # characters of the reply already emitted
+    text: str = ""                    # the reply decoded so far: tokens[:decoded]
+    decoded: int = 0
+    window: int = 0                   # decoding starts here, a few tokens back, for the new tokens' context
     generator: Optional[torch.Generator] = None
 
 
@@ -264,26 +267,33 @@ class Engine:
         else:
             token = greedy
         req.tokens.append(token)
-        if token == self.tok.eos_token_id or token in req.stop_token_ids:
-            return self._finish(req, "stop", self._text(req, final=True))
-        text = self._text(req)
+        if token == self.tok.eos_token_id or token in req.stop_token_ids:  # the stop token is not text
+            return self._finish(req, "stop", self._text(req, len(req.tokens) - 1, flush=True))
+        text = self._text(req, len(req.tokens), flush=len(req.tokens) >= req.max_tokens)
         cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
         if cut >= 0:
             return self._finish(req, "stop", text[:cut])
         if len(req.tokens) >= req.max_tokens:
             return self._finish(req, "length", text)
-        # Hold back a tail that may be the start of a stop string, and a character still missing bytes.
+        # Hold back a tail that may be the start of a stop string.
         hold = max((k for s in req.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
         ready = text[:len(text) - hold]
-        if ready.endswith("\ufffd"):
-            return
         if len(ready) > req.sent:
             req.emit({"delta": ready[req.sent:]})
             req.sent = len(ready)
 
-    def _text(self, req: Request, final: bool = False) -> str:
-        ids = req.tokens[:-1] if final else req.tokens  # the final stop token is not text
-        return self.tok.decode(ids, skip_special_tokens=True)
+    def _text(self, req: Request, end: int, flush: bool = False) -> str:
+        """The text of tokens[:end], decoding only the tokens since the last call (plus a short window before them
+        for context) rather than the whole reply at every step. A character whose bytes are not all there yet
+        waits for the next token, unless flush (the reply ends here)."""
+        before = self.tok.decode(req.tokens[req.window:req.decoded], skip_special_tokens=True)
+        after = self.tok.decode(req.tokens[req.window:end], skip_special_tokens=True)
+        if after.startswith(before) and (flush or not after.endswith("\ufffd")):
+            req.text += after[len(before):]
+            req.window, req.decoded = req.decoded, end
+        elif flush:  # the window's decoding changed what came before it: decode the whole reply once
+            req.text, req.decoded = self.tok.decode(req.tokens[:end], skip_special_tokens=True), end
+        return req.text
 
     def _finish(self, req: Request, reason: str, text: str) -> None:
         if len(text) > req.sent:
