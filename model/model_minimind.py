@@ -259,6 +259,8 @@ class MiniMindForCausalLM(nn.Module):
             KVCache(self.config.num_hidden_layers) if use_cache else None)
         past = cache.length if cache is not None else 0  # a (B,) tensor in a RowKVCache: one position per row
         x = self.model.embed_tokens(input_ids)
+        if position_ids is None and isinstance(past, torch.Tensor):  # each row continues from its own length
+            position_ids = past[:, None] + torch.arange(T, device=x.device)
         if position_ids is None:
             cos, sin = self._rope(past, T, x.device, x.dtype)
         else:
@@ -284,16 +286,12 @@ class MiniMindForCausalLM(nn.Module):
         """cos and signed sin of positions past .. past + T - 1, sliced from a table that grows by doubling
         (a decode step would otherwise spend a dozen small ops rebuilding them)."""
         table = self._rope_table
-        end = (int(past.max()) if isinstance(past, torch.Tensor) else past) + T
-        if table is None or table[0].shape[0] < end or table[0].device != device or table[0].dtype != dtype:
-            n = max(end, 2 * table[0].shape[0] if table is not None else 0, 256)
+        if table is None or table[0].shape[0] < past + T or table[0].device != device or table[0].dtype != dtype:
+            n = max(past + T, 2 * table[0].shape[0] if table is not None else 0, 256)
             with torch.inference_mode(False):  # a table built while generating must still serve training
                 table = rope_cos_sin(torch.arange(n, device=device), self.config.head_dim, self.config.rope_theta,
                                      dtype)
             self._rope_table = table
-        if isinstance(past, torch.Tensor):  # rows at their own positions: (B, 1, T, head_dim), broadcast over heads
-            pos = past[:, None] + torch.arange(T, device=device)
-            return table[0][pos][:, None], table[1][pos][:, None]
         return table[0][past:past + T], table[1][past:past + T]
 
     def _rope_at(self, position_ids, dtype):
