@@ -43,18 +43,25 @@ class EvalError(ValueError):
     """Bad input; main() prints it as one line on stderr and exits with code 2."""
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+def add_base_args(a) -> None:
+    """Flags that find and place the base model (`a` is a parser's add_argument); the server takes them too."""
     a("--save_dir", default=str(REPO_ROOT / "out"), help="where the trainers wrote weights (adapters in lora/)")
-    a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path; "
-                                            "--eval takes several, comma-separated (adapters go on the first)")
-    a("--lora_weight", default="", help="comma-separated adapters, names ({save_dir}/lora/{name}_{h}.pth, then "
-                                        "{save_dir}/{name}_{h}.pth) or paths; all load once, the first is active")
     a("--hidden_size", type=int, default=256, help="picks {weight}_{hidden_size}.pth")
     a("--num_hidden_layers", type=int, default=None, help="only for checkpoints without a .json config (MiniMind's)")
     a("--num_attention_heads", type=int, default=None, help="only for checkpoints without a .json config")
     a("--num_key_value_heads", type=int, default=None, help="only for checkpoints without a .json config")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="on CUDA; the CPU uses float32")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    add_base_args(a)
+    a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path; "
+                                            "--eval takes several, comma-separated (adapters go on the first)")
+    a("--lora_weight", default="", help="comma-separated adapters, names ({save_dir}/lora/{name}_{h}.pth, then "
+                                        "{save_dir}/{name}_{h}.pth) or paths; all load once, the first is active")
     a("--merge", action="store_true", help="fold the active adapter into the base weights (base speed); "
                                            "a swap unmerges it and merges the next one")
     a("--prompt", action="append", default=[], help="answer this and exit (repeatable)")
@@ -67,8 +74,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--repetition_penalty", type=float, default=1.0)
     a("--max_new_tokens", type=int, default=None, help="default 512 in chat and --prompt, 48 for --eval")
     a("--seed", type=int, default=42)
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="on CUDA; the CPU uses float32")
     a("--show_speed", action="store_true", help="print decode tokens/s after each answer")
     a("--eval", action="append", default=[], help="jsonl file(s) to score, comma-separated or repeated")
     a("--eval_limit", type=int, default=0, help="score the first N samples of each file (0: all)")

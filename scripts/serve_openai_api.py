@@ -18,8 +18,6 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # runs from any directory
     sys.path.insert(0, str(REPO_ROOT))
@@ -41,14 +39,11 @@ MAX_STOP = 4  # OpenAI allows up to 4 stop strings
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--save_dir", default=str(REPO_ROOT / "out"), help="where the trainers wrote weights (adapters in lora/)")
+    eval_llm.add_base_args(a)  # --save_dir --hidden_size --device --dtype and the architecture flags, as eval_llm.py
     a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path")
-    a("--hidden_size", type=int, default=256, help="picks {weight}_{hidden_size}.pth")
     a("--lora_weight", default="", help="comma-separated adapters to serve: names ({save_dir}/lora/{name}_{h}.pth) "
                                         "or paths; each is served under its name (file name minus _{h})")
     a("--served_model_name", default=None, help="the base's model name in the API (default: the weight file's stem)")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="on CUDA; the CPU uses float32")
     a("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (then set --api_key)")
     a("--port", type=int, default=8998)
     a("--max_batch", type=int, default=16, help="requests decoded together; more wait in a queue")
@@ -57,9 +52,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_lora_rank", type=int, default=16, help="the largest adapter rank the server accepts")
     a("--allow_runtime_lora", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     a("--api_key", default=None, help="require `Authorization: Bearer KEY` on every /v1 endpoint")
-    a("--num_hidden_layers", type=int, default=None, help="only for checkpoints without a .json config (MiniMind's)")
-    a("--num_attention_heads", type=int, default=None, help="only for checkpoints without a .json config")
-    a("--num_key_value_heads", type=int, default=None, help="only for checkpoints without a .json config")
     args = p.parse_args(argv)
     for flag in ("max_batch", "max_seq_len", "max_loras", "max_lora_rank"):
         if getattr(args, flag) < 1:
