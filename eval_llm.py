@@ -15,6 +15,7 @@ first sentence must contain an expect string.
 import argparse
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -75,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_new_tokens", type=int, default=None, help="default 512 in chat and --prompt, 48 for --eval")
     a("--seed", type=int, default=42)
     a("--show_speed", action="store_true", help="print decode tokens/s after each answer")
+    a("--compile", action="store_true", help="decode with a static KV cache and a torch.compile'd step (first "
+      "answer of each shape compiles; the compiled code is cached in {save_dir}/compile_cache between runs)")
     a("--eval", action="append", default=[], help="jsonl file(s) to score, comma-separated or repeated")
     a("--eval_limit", type=int, default=0, help="score the first N samples of each file (0: all)")
     a("--batch_size", type=int, default=16, help="--eval batch size")
@@ -223,7 +226,7 @@ def answer(model, tok, messages, args) -> str:
     def tokens():
         for t in model.stream_generate(ids, args.max_new_tokens or 512, temperature=args.temperature,
                                        top_p=args.top_p, top_k=args.top_k, eos_token_id=tok.eos_token_id,
-                                       repetition_penalty=args.repetition_penalty):
+                                       repetition_penalty=args.repetition_penalty, compile=args.compile):
             t = int(t[0])
             if t == tok.eos_token_id:
                 return
@@ -392,7 +395,8 @@ def read_eval_file(path: str, tok, args) -> EvalFile:
     return EvalFile(path, Subset(dataset, range(n)), prompts, expects, mentions, is_text)
 
 
-def greedy_replies(model, tok, prompts, max_new_tokens: int, batch_size: int, repetition_penalty=1.0) -> list:
+def greedy_replies(model, tok, prompts, max_new_tokens: int, batch_size: int, repetition_penalty=1.0,
+                   compile: bool = False) -> list:
     """Greedy replies in batches of similar length, left-padded (the attention mask hides the pads)."""
     device, eos = model_device(model), tok.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -407,7 +411,8 @@ def greedy_replies(model, tok, prompts, max_new_tokens: int, batch_size: int, re
             mask[r, width - len(prompts[i]):] = 1
         mask = None if bool(mask.all()) else mask.to(device)
         steps = list(model.stream_generate(ids.to(device), max_new_tokens, temperature=0, eos_token_id=eos,
-                                           attention_mask=mask, repetition_penalty=repetition_penalty))
+                                           attention_mask=mask, repetition_penalty=repetition_penalty,
+                                           compile=compile))
         out = torch.stack(steps, dim=1).tolist() if steps else [[] for _ in rows]
         for r, i in enumerate(rows):
             tokens = out[r][: out[r].index(eos)] if eos in out[r] else out[r]
@@ -423,7 +428,7 @@ def score(model, tok, ef: EvalFile, args) -> dict:
     match_rate = mention_rate = None
     if ef.prompts:
         replies = greedy_replies(model, tok, ef.prompts, args.max_new_tokens or 48, args.batch_size,
-                                 args.repetition_penalty)
+                                 args.repetition_penalty, args.compile)
         if ef.completion:
             replies = [first_sentence(r) for r in replies]
         match_rate = sum(any(contains(r, e) for e in expect) for r, expect in zip(replies, ef.expects)) / len(replies)
@@ -478,6 +483,8 @@ def print_table(rows) -> None:
 def run(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.compile:  # inductor reads it when it first compiles; a user's own setting wins
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(args.save_dir) / "compile_cache"))
     model, tok, adapters = load(args)
     if args.eval:
         rows = evaluate_all(model, tok, adapters, args)

@@ -156,6 +156,36 @@ class RowKVCache:
             self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
 
 
+class StaticKVCache:
+    """gpt-fast's cache for compiled decoding: buffers of a fixed max_len (a bucket), written in place at
+    `length` (a tensor, not an int), with attention over the whole buffer and the unwritten part masked. Every
+    decode step then has the same shapes, so one compiled step serves every prompt length and request that fits.
+    pad (B,): the left padding of each row, so a padded row decodes as its prompt alone would."""
+
+    def __init__(self, config: MiniMindConfig, batch: int, max_len: int, device=None, dtype=None, pad=None):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.length = torch.zeros((), dtype=torch.long, device=device)
+        self.pad = pad.to(device) if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = torch.arange(max_len, device=device)
+        self.cos, self.sin = rope_cos_sin(self.slots, config.head_dim, config.rope_theta, dtype or torch.float32)
+
+    def prepare(self, T: int):
+        """RoPE (B, 1, T, head_dim) and the boolean mask (B, 1, T, max_len) of the next T tokens."""
+        slot = self.length + torch.arange(T, device=self.slots.device)  # (T,): where they are written
+        pos = (slot - self.pad[:, None]).clamp(min=0)  # (B, T): a row's positions count from its first real token
+        keep = (self.slots <= slot[:, None]) & (self.slots >= self.pad[:, None, None])  # (B, T, max_len)
+        keep = keep | ~keep.any(-1, keepdim=True)  # a pad query sees nothing, and softmax of nothing is NaN
+        return self.cos[pos][:, None], self.sin[pos][:, None], keep[:, None]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        slot = self.length + torch.arange(k.shape[2], device=k.device)
+        self.keys[layer].index_copy_(2, slot, k)
+        self.values[layer].index_copy_(2, slot, v)
+        return self.keys[layer], self.values[layer]
+
+
 class Attention(nn.Module):
     def __init__(self, config: MiniMindConfig, layer_idx: int):
         super().__init__()
@@ -259,13 +289,16 @@ class MiniMindForCausalLM(nn.Module):
             KVCache(self.config.num_hidden_layers) if use_cache else None)
         past = cache.length if cache is not None else 0  # a (B,) tensor in a RowKVCache: one position per row
         x = self.model.embed_tokens(input_ids)
-        if position_ids is None and isinstance(past, torch.Tensor):  # each row continues from its own length
-            position_ids = past[:, None] + torch.arange(T, device=x.device)
-        if position_ids is None:
-            cos, sin = self._rope(past, T, x.device, x.dtype)
+        if isinstance(cache, StaticKVCache):  # compiled decoding: fixed shapes, positions and padding in the cache
+            cos, sin, mask = cache.prepare(T)
         else:
-            cos, sin = self._rope_at(position_ids, x.dtype)
-        mask = self._attention_bias(attention_mask, T, past, x.device)
+            if position_ids is None and isinstance(past, torch.Tensor):  # each row continues from its own length
+                position_ids = past[:, None] + torch.arange(T, device=x.device)
+            if position_ids is None:
+                cos, sin = self._rope(past, T, x.device, x.dtype)
+            else:
+                cos, sin = self._rope_at(position_ids, x.dtype)
+            mask = self._attention_bias(attention_mask, T, past, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
         if cache is not None:
@@ -318,25 +351,35 @@ class MiniMindForCausalLM(nn.Module):
     @torch.inference_mode()
     def stream_generate(self, input_ids, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                         top_k: int = 0, eos_token_id=None, attention_mask=None, repetition_penalty: float = 1.0,
-                        pad_token_id: Optional[int] = None) -> Iterator[torch.Tensor]:
+                        pad_token_id: Optional[int] = None, compile: bool = False) -> Iterator[torch.Tensor]:
         """Yield the next tokens, shape (B,), one step at a time, reusing the KV cache; stop once every row is done.
         temperature 0 is greedy. eos_token_id: an int or a list of ints (default: the config's; -1 never stops).
         A row that has produced eos yields pad_token_id from then on (its first eos when pad_token_id is None).
         attention_mask (B, T), 0 on left padding: a row's positions start at 0 at its first real token, as in
-        Hugging Face's generate, so a padded row decodes as its prompt alone would."""
+        Hugging Face's generate, so a padded row decodes as its prompt alone would.
+        compile: decode with a StaticKVCache and a torch.compile'd step (see decode_step); the first call per
+        (batch, bucket of prompt + max_new_tokens, adapter setting) compiles, later ones reuse it."""
         device = input_ids.device
         eos = torch.tensor(self.config.eos_token_id if eos_token_id is None else eos_token_id, device=device).flatten()
         fill = eos[0] if pad_token_id is None else torch.tensor(pad_token_id, device=device)
-        cache = KVCache(self.config.num_hidden_layers)
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         seen = input_ids
         positions = None
+        if compile:
+            pad = (attention_mask == 0).sum(-1) if attention_mask is not None else None
+            cache = StaticKVCache(self.config, input_ids.shape[0], static_len(input_ids.shape[1] + max_new_tokens,
+                                                                              self.config), device,
+                                  self.model.embed_tokens.weight.dtype, pad)
+            attention_mask = None  # the cache knows the padding
+        else:
+            cache = KVCache(self.config.num_hidden_layers)
         if attention_mask is not None:
             positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        out = self(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                   position_ids=positions)
+        logits = self(input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                      logits_to_keep=1, position_ids=positions).logits[:, -1]
+        step_fn = decode_step(compiled=compile)
         for step in range(max_new_tokens):
-            logits = out.logits[:, -1].float()
+            logits = logits.float()
             if repetition_penalty != 1.0:
                 prev = logits.gather(1, seen)
                 logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
@@ -350,13 +393,13 @@ class MiniMindForCausalLM(nn.Module):
             if attention_mask is not None:
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], 1)
                 positions = positions[:, -1:] + 1
-            out = self(token[:, None], attention_mask=attention_mask, past_key_values=cache, use_cache=True,
-                       position_ids=positions)
+            logits = step_fn(self, token[:, None], cache, attention_mask, positions)
 
     def generate(self, input_ids=None, max_new_tokens: Optional[int] = None, *, attention_mask=None,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
                  repetition_penalty: float = 1.0, eos_token_id=None, pad_token_id: Optional[int] = None,
-                 max_length: Optional[int] = None, streamer=None, inputs=None, **hf_kwargs) -> torch.Tensor:
+                 max_length: Optional[int] = None, streamer=None, inputs=None, compile: bool = False,
+                 **hf_kwargs) -> torch.Tensor:
         """Prompt followed by the generated tokens, (B, T + new), taking Hugging Face's keyword arguments with their
         meaning, so code written for transformers' (or MiniMind's) `model.generate` runs unchanged:
         - greedy unless do_sample=True, whatever the temperature (as in HF); temperature 0 is greedy as well.
@@ -368,6 +411,7 @@ class MiniMindForCausalLM(nn.Module):
         - attention_mask marks left padding; each row's positions count from its first real token, as HF's.
         - max_new_tokens (default 256), or max_length counting the prompt; `inputs=` is another name for input_ids;
           streamer: an HF streamer (put(prompt), put(tokens) each step, end()).
+        - compile=True (ours, not HF's): a static KV cache and a compiled decode step (see stream_generate).
         - use_cache is accepted and ignored (the KV cache only saves time); num_beams, num_return_sequences,
           return_dict_in_generate and output_scores only at their defaults (ValueError otherwise). Any other
           keyword is a TypeError rather than silently ignored."""
@@ -389,13 +433,64 @@ class MiniMindForCausalLM(nn.Module):
         for token in self.stream_generate(input_ids, max_new_tokens, temperature=temperature if do_sample else 0.0,
                                           top_p=top_p, top_k=top_k, eos_token_id=eos_token_id,
                                           attention_mask=attention_mask, repetition_penalty=repetition_penalty,
-                                          pad_token_id=pad_token_id):
+                                          pad_token_id=pad_token_id, compile=compile):
             new.append(token[:, None])
             if streamer is not None:
                 streamer.put(token.cpu())
         if streamer is not None:
             streamer.end()
         return torch.cat([input_ids] + new, dim=1)
+
+
+STATIC_BUCKET = 256  # StaticKVCache lengths are multiples of this: one compiled step serves many lengths
+
+
+def static_len(tokens: int, config: MiniMindConfig) -> int:
+    """The StaticKVCache length for prompt + new tokens: rounded up to the bucket, so lengths share a compile."""
+    return min(-(-tokens // STATIC_BUCKET) * STATIC_BUCKET, max(config.max_position_embeddings, tokens))
+
+
+def _decode_logits(model, token, cache, attention_mask=None, position_ids=None):
+    """One decode step: the next-token logits (B, vocab) after `token` (B, 1)."""
+    return model(token, attention_mask=attention_mask, past_key_values=cache, use_cache=True,
+                 position_ids=position_ids).logits[:, -1]
+
+
+_COMPILED_STEP = None
+
+
+def _gemv_backend(gm, example_inputs):
+    """Inductor, with one change for decoding on the CPU: a matmul of a single row (x @ W.T at batch 1) becomes a
+    fused multiply-and-sum, which inductor spreads over every thread; MKL's GEMV used one thread and half the memory
+    bandwidth (25 vs 46 GB/s on a 256 MB matrix on the 2-core benchmark machine). C++ wrapper: less Python per step."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    mm = table.get(torch.ops.aten.mm.default)
+
+    def gemv(a, b, out_dtype=None):
+        if a.device.type == "cpu" and a.shape[0] == 1 and out_dtype is None:
+            return (a.t() * b).sum(0, keepdim=True)
+        return mm(a, b, out_dtype) if mm is not None else NotImplemented
+
+    table[torch.ops.aten.mm.default] = gemv
+    return compile_fx(gm, example_inputs, decompositions=table, config_patches={"cpp_wrapper": True})
+
+
+def decode_step(compiled: bool = False):
+    """_decode_logits, or its torch.compile'd version (built once per process; dynamo then compiles it once per
+    shape bucket and adapter setting and keeps each). fullgraph: a graph break would silently cost the speed."""
+    global _COMPILED_STEP
+    if not compiled:
+        return _decode_logits
+    if _COMPILED_STEP is None:
+        # One graph per (batch size, bucket, adapter setting) is kept; past dynamo's default of 8 it would fall back
+        # to eager without a word.
+        import torch._dynamo
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _COMPILED_STEP = torch.compile(_decode_logits, fullgraph=True, dynamic=False, backend=_gemv_backend)
+    return _COMPILED_STEP
 
 
 LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB fp32): big enough for fast matmuls, small enough to reuse
