@@ -209,7 +209,9 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         # A query block that covers every key is plain causal; a single new query sees everything.
-        is_causal = mask is None and T > 1
+        is_causal = False
+        if mask is None and T > 1:  # an `if`, not a value: a traced T (torch.compile, dynamic) gives a SymBool
+            is_causal = True
         # enable_gqa: each K/V head serves n_heads / n_kv_heads query heads without being copied.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                            dropout_p=self.dropout if self.training else 0.0,
@@ -305,11 +307,17 @@ class MiniMindForCausalLM(nn.Module):
             cache.length += T
         x = self.model.norm(x)
         if labels is not None:
-            # Position t predicts token t+1; -100 marks positions without a target (prompt, padding),
-            # and those rows never reach lm_head.
-            targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-            keep = targets != -100
-            loss = lm_head_loss(x.reshape(-1, x.size(-1))[keep], self.lm_head.weight, targets[keep])
+            # Position t predicts token t+1; IGNORE (-100) marks positions without a target (prompt, padding).
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE).reshape(-1)
+            h = x.reshape(-1, x.size(-1))
+            if torch.compiler.is_compiling():
+                # Compiled: every row is scored (dropping rows gives a data-dependent count, and the chunk loop would
+                # pin the graph to one batch length), and inductor fuses the softmax around the logits.
+                loss = F.cross_entropy(self.lm_head(h).float(), targets, ignore_index=IGNORE, reduction="sum")
+                loss = loss / (targets != IGNORE).sum().clamp(min=1)  # 0, not NaN, when no row has a target
+            else:  # eager: rows without a target never reach lm_head, and the logits are made a chunk at a time
+                keep = targets != IGNORE
+                loss = lm_head_loss(h[keep], self.lm_head.weight, targets[keep])
             return CausalLMOutput(loss=loss, past_key_values=cache if use_cache else None, hidden=x,
                                   lm_head=self.lm_head)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
@@ -493,6 +501,7 @@ def decode_step(compiled: bool = False):
     return _COMPILED_STEP
 
 
+IGNORE = -100  # a label with no loss (prompt, padding), as PyTorch's and Hugging Face's ignore_index
 LOSS_CHUNK_ELEMENTS = 1 << 22  # logits per chunk (16 MiB fp32): big enough for fast matmuls, small enough to reuse
 
 
