@@ -94,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def keep_compile_cache(save_dir) -> None:
+    """torch.compile's code goes to {save_dir}/compile_cache, so the next run starts warm (inductor reads the
+    variable when it first compiles; a user's own TORCHINDUCTOR_CACHE_DIR wins)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(save_dir) / "compile_cache"))
+
+
 def split_list(values) -> list[str]:
     """'a,b' or ['a', 'b,c'] -> ['a', 'b', 'c']."""
     values = [values] if isinstance(values, str) else values
@@ -483,8 +489,8 @@ def print_table(rows) -> None:
 def run(argv=None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    if args.compile:  # inductor reads it when it first compiles; a user's own setting wins
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(args.save_dir) / "compile_cache"))
+    if args.compile:
+        keep_compile_cache(args.save_dir)
     model, tok, adapters = load(args)
     if args.eval:
         rows = evaluate_all(model, tok, adapters, args)

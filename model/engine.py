@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 
 from model.model_lora import AdapterBank, LoRAError
-from model.model_minimind import KVCache, RowKVCache, sample_next
+from model.model_minimind import KVCache, RowKVCache, StaticKVCache, decode_step, sample_next
 
 
 class EngineError(ValueError):
@@ -46,13 +46,19 @@ class Request:
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 16, max_seq_len: int = 1024, max_loras: int = 8,
-                 max_lora_rank: int = 16):
+                 max_lora_rank: int = 16, compile: bool = False):
         self.model, self.tok = model.eval(), tokenizer
         p = next(model.parameters())
         self.device = p.device
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.bank = AdapterBank(model, max_loras, max_lora_rank)
-        self.cache = RowKVCache(model.config, max_batch, max_seq_len, p.device, p.dtype)
+        # compile: a StaticKVCache and a compiled decode step; the batch is padded to a power of two, so at most
+        # log2(max_batch) + 1 graphs exist, all compiled by warmup() before the first request.
+        self.compiled = compile
+        cache_type = StaticKVCache if compile else RowKVCache
+        self.cache = cache_type(model.config, max_batch, max_seq_len, p.device, p.dtype)
+        self.decode = decode_step(compiled=compile)
+        self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.adapters: dict[str, Path] = {}                                # registered: name -> file
         self.resident: collections.OrderedDict[str, int] = collections.OrderedDict()  # name -> slot, LRU first
         self.free_slots = list(range(max_loras, 0, -1))
@@ -244,15 +250,35 @@ class Engine:
         logits = out.logits[:, -1].float()
         self._accept(req, logits, int(logits.argmax(-1)))
 
+    def warmup(self) -> "Engine":
+        """Compile the decode step for every batch bucket now, so that no request waits for the compiler."""
+        if self.compiled:
+            with torch.inference_mode():
+                for size in self.buckets:
+                    self._decode([0] * size, [0] * size, [1] * size)
+        return self
+
+    def _decode(self, slots: list, lens: list, tokens: list) -> torch.Tensor:
+        """Next-token logits (B, vocab) for rows with these adapter slots, cache lengths and last tokens."""
+        B = len(slots)
+        if self.compiled:  # pad to the bucket with idle rows: no adapter, an empty cache, token 0
+            pad = next(b for b in self.buckets if b >= B) - B
+            slots, lens, tokens = slots + [0] * pad, lens + [0] * pad, tokens + [0] * pad
+        self.bank.select(slots, always=self.compiled)  # compiled: one graph, adapters or not
+        lengths = torch.tensor(lens, device=self.device)
+        if self.compiled:
+            self.cache.length[:len(lens)] = lengths
+        else:
+            self.cache.length = lengths
+        ids = torch.tensor(tokens, device=self.device)[:, None]
+        return self.decode(self.model, ids, self.cache)[:B].float()
+
     def _step(self) -> None:
         """One decode step for every running row: feed each row's last token, take one new token per row."""
         live = [i for i, r in enumerate(self.rows) if not r.cancelled]
         if not live:
             return
-        self.bank.select([r.slot for r in self.rows])
-        self.cache.length = torch.tensor(self.lens, device=self.device)
-        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=self.device)
-        logits = self.model(ids, past_key_values=self.cache, use_cache=True).logits[:, -1].float()
+        logits = self._decode([r.slot for r in self.rows], self.lens, [r.tokens[-1] for r in self.rows])
         greedy = logits.argmax(-1).tolist()
         self.steps += 1
         self.peak_rows = max(self.peak_rows, len(self.rows))

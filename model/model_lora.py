@@ -549,10 +549,11 @@ class AdapterBank:
             layer.bank_B[slot].zero_()
         self.scale[slot] = 0.0
 
-    def select(self, slots) -> None:
-        """The slot of each batch row for the next forwards (0: no adapter); all zeros skips the branch."""
+    def select(self, slots, always: bool = False) -> None:
+        """The slot of each batch row for the next forwards (0: no adapter); all zeros skips the branch unless
+        `always` (a compiled step keeps one graph: slot 0 adds exact zeros)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.scale.device)
-        self.rows = slots if bool(slots.any()) else None
+        self.rows = slots if always or bool(slots.any()) else None
         self.row_scale = self.scale[slots][:, None, None] if self.rows is not None else None
 
     def add_rows(self, layer: LoRALinear, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

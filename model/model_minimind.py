@@ -156,34 +156,35 @@ class RowKVCache:
             self.values[layer][dst, :, :length] = self.values[layer][src, :, :length]
 
 
-class StaticKVCache:
-    """gpt-fast's cache for compiled decoding: buffers of a fixed max_len (a bucket), written in place at
-    `length` (a tensor, not an int), with attention over the whole buffer and the unwritten part masked. Every
-    decode step then has the same shapes, so one compiled step serves every prompt length and request that fits.
-    pad (B,): the left padding of each row, so a padded row decodes as its prompt alone would."""
+class StaticKVCache(RowKVCache):
+    """gpt-fast's cache for compiled decoding: a RowKVCache whose attention always spans the whole max_len buffer,
+    the unwritten part masked, with positions and masks computed from tensors only. Every decode step of a batch
+    size then has the same shapes, so one compiled step serves every prompt length and request that fits.
+    Row b holds length[b] slots; start[b] is its first real one (left padding in generate; 0 in the engine)."""
 
-    def __init__(self, config: MiniMindConfig, batch: int, max_len: int, device=None, dtype=None, pad=None):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.length = torch.zeros((), dtype=torch.long, device=device)
-        self.pad = pad.to(device) if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+    def __init__(self, config: MiniMindConfig, max_batch: int, max_len: int, device=None, dtype=None, start=None):
+        super().__init__(config, max_batch, max_len, device, dtype)
+        self.length = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.start = torch.zeros(max_batch, dtype=torch.long, device=device) if start is None else start.to(device)
         self.slots = torch.arange(max_len, device=device)
         self.cos, self.sin = rope_cos_sin(self.slots, config.head_dim, config.rope_theta, dtype or torch.float32)
 
-    def prepare(self, T: int):
-        """RoPE (B, 1, T, head_dim) and the boolean mask (B, 1, T, max_len) of the next T tokens."""
-        slot = self.length + torch.arange(T, device=self.slots.device)  # (T,): where they are written
-        pos = (slot - self.pad[:, None]).clamp(min=0)  # (B, T): a row's positions count from its first real token
-        keep = (self.slots <= slot[:, None]) & (self.slots >= self.pad[:, None, None])  # (B, T, max_len)
+    def prepare(self, B: int, T: int):
+        """RoPE (B, 1, T, head_dim) and the boolean mask (B, 1, T, max_len) of rows 0..B-1's next T tokens."""
+        slot = self.length[:B, None] + torch.arange(T, device=self.slots.device)  # (B, T): where they are written
+        start = self.start[:B, None]
+        pos = (slot - start).clamp(min=0)  # a row's positions count from its first real token
+        keep = (self.slots <= slot[..., None]) & (self.slots >= start[..., None])  # (B, T, max_len)
         keep = keep | ~keep.any(-1, keepdim=True)  # a pad query sees nothing, and softmax of nothing is NaN
         return self.cos[pos][:, None], self.sin[pos][:, None], keep[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        slot = self.length + torch.arange(k.shape[2], device=k.device)
-        self.keys[layer].index_copy_(2, slot, k)
-        self.values[layer].index_copy_(2, slot, v)
-        return self.keys[layer], self.values[layer]
+        B, T = k.shape[0], k.shape[2]
+        slot = self.length[:B, None] + torch.arange(T, device=k.device)
+        rows = torch.arange(B, device=k.device)[:, None]
+        self.keys[layer][rows, :, slot] = k.transpose(1, 2)
+        self.values[layer][rows, :, slot] = v.transpose(1, 2)
+        return self.keys[layer][:B], self.values[layer][:B]
 
 
 class Attention(nn.Module):
@@ -292,7 +293,7 @@ class MiniMindForCausalLM(nn.Module):
         past = cache.length if cache is not None else 0  # a (B,) tensor in a RowKVCache: one position per row
         x = self.model.embed_tokens(input_ids)
         if isinstance(cache, StaticKVCache):  # compiled decoding: fixed shapes, positions and padding in the cache
-            cos, sin, mask = cache.prepare(T)
+            cos, sin, mask = cache.prepare(B, T)
         else:
             if position_ids is None and isinstance(past, torch.Tensor):  # each row continues from its own length
                 position_ids = past[:, None] + torch.arange(T, device=x.device)
@@ -303,7 +304,9 @@ class MiniMindForCausalLM(nn.Module):
             mask = self._attention_bias(attention_mask, T, past, x.device)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, mask)
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):
+            cache.length[:B] += T
+        elif cache is not None:
             cache.length += T
         x = self.model.norm(x)
         if labels is not None:
@@ -377,7 +380,7 @@ class MiniMindForCausalLM(nn.Module):
             pad = (attention_mask == 0).sum(-1) if attention_mask is not None else None
             cache = StaticKVCache(self.config, input_ids.shape[0], static_len(input_ids.shape[1] + max_new_tokens,
                                                                               self.config), device,
-                                  self.model.embed_tokens.weight.dtype, pad)
+                                  self.model.embed_tokens.weight.dtype, start=pad)
             attention_mask = None  # the cache knows the padding
         else:
             cache = KVCache(self.config.num_hidden_layers)

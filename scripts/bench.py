@@ -22,6 +22,7 @@ import resource
 import shlex
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 import warnings
@@ -376,6 +377,10 @@ def hf_twin(model, transformers):
     return hf.to(next(model.parameters()).device)
 
 
+ECO_TARGETS = {"train": 0.8, "generate": 0.6, "train compiled": 0.65, "generate compiled": 0.35,
+               "generate compiled vs theirs compiled": 0.8}  # ours / theirs time, on the CPU
+
+
 def bench_ecosystem(args):
     try:
         import peft
@@ -383,37 +388,48 @@ def bench_ecosystem(args):
     except ImportError as e:
         return [], [f"skipped: {e.name} is not installed (pip install -r requirements-dev.txt)"]
     scales = [(TINY, 2, 32, 8)] if args.quick else [(DEMO, 8, 256, 64), (MINIMIND3, 8, 256, 64)]
-    rows, notes = [], []
+    rows, notes, costs = [], [], []
     for dims, batch, seq, new_tokens in scales:
-        # A fresh process per scale: what earlier sections left in the allocator must not tilt the comparison.
-        r = run_child({"child": "ecosystem", "dims": dims, "batch": batch, "seq": seq, "new_tokens": new_tokens,
-                       "repeats": args.repeats, "threads": torch.get_num_threads(), "device": args.device})
-        rows.append(eco_row(dims, f"LoRA train step, batch {batch}x{seq}", r["train"]))
-        row = eco_row(dims, f"greedy generate {new_tokens} tokens", r["generate"])
-        row["same tokens"] = "yes" if r["same_tokens"] else "no"
-        rows.append(row)
+        spec = {"dims": dims, "batch": batch, "seq": seq, "new_tokens": new_tokens, "repeats": args.repeats,
+                "threads": torch.get_num_threads(), "device": args.device}
+        with tempfile.TemporaryDirectory() as cache:  # compile cost from an empty cache, then from the kept one
+            spec["cache"] = cache
+            cold, warm = run_child({**spec, "child": "compile_cost"}), run_child({**spec, "child": "compile_cost"})
+            # A fresh process per scale: what earlier sections left in the allocator must not tilt the comparison.
+            r = run_child({**spec, "child": "ecosystem"})
+        costs.append(f"{scale_name(dims)}: first compiled LoRA step {cold['train']:.1f} s with an empty compile cache, "
+                     f"{warm['train']:.1f} s with the cache a previous run left; first compiled generate "
+                     f"{cold['generate']:.1f} s / {warm['generate']:.1f} s; theirs static+compiled "
+                     f"{r['theirs_compile_s']:.1f} s (empty cache)")
+        for key, label in (("train", f"LoRA train step, batch {batch}x{seq}"),
+                           ("train compiled", f"LoRA train step, batch {batch}x{seq}, ours compiled"),
+                           ("generate", f"greedy generate {new_tokens} tokens"),
+                           ("generate compiled", f"greedy generate {new_tokens} tokens, ours compiled"),
+                           ("generate compiled vs theirs compiled",
+                            f"greedy generate {new_tokens} tokens, both static cache + compiled")):
+            row = eco_row(dims, label, r[key])
+            row["key"] = key
+            if "generate" in key:
+                row["same tokens"] = "yes" if r["same_tokens"][key] else "no"
+            rows.append(row)
     for row in rows:
-        if row["scale"] == scale_name(scales[0][0]):
-            target = 0.8 if "train" in row["task"] else 0.6
-            check = f"; target <= {target}x on CPU: {verdict(row['ratio med'] <= target)}" if args.device == "cpu" else ""
-            notes.append(f"ratio ours/theirs time, {row['task']} at {row['scale']}: {row['ratio med']:.2f}x "
-                         f"(min {row['ratio min']:.2f}, max {row['ratio max']:.2f}){check}")
+        key = row.pop("key")
+        check = (f"; target <= {ECO_TARGETS[key]}x on CPU: {verdict(row['ratio med'] <= ECO_TARGETS[key])}"
+                 if args.device == "cpu" else "")
+        notes.append(f"ratio ours/theirs time, {row['task']} at {row['scale']}: {row['ratio med']:.2f}x "
+                     f"(min {row['ratio min']:.2f}, max {row['ratio max']:.2f}){check}")
+    notes.append("compile cost (one-time per shape; kept in the inductor cache between runs): " + "; ".join(costs))
     notes.append(f"theirs = transformers {transformers.__version__} Qwen3ForCausalLM (sdpa attention) + peft "
-                 f"{peft.__version__} for the LoRA step; fp32; same {torch.get_num_threads()} threads; one fresh "
-                 f"process per scale, both sides in it, warmed up, then run interleaved.")
+                 f"{peft.__version__} for the LoRA step, eager unless the row says compiled (theirs compiled: "
+                 f"generate(cache_implementation='static') with a CompileConfig, fullgraph, C++ wrapper as ours); "
+                 f"ours compiled: torch.compile(model) for the step (what --use_compile 1 runs), generate(compile="
+                 f"True) for decoding; fp32; same {torch.get_num_threads()} threads; one fresh process per scale, "
+                 f"every variant in it, warmed up, then run interleaved.")
     return rows, notes
 
 
-def ecosystem_child(spec: dict) -> dict:
-    """One scale: ours vs transformers (+ PEFT) on identical weights, interleaved; returns the raw times."""
-    import peft
-    import transformers
-    transformers.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls APIs transformers deprecates
-    torch.set_num_threads(spec["threads"])
-    dev, dims, repeats = spec["device"], spec["dims"], spec["repeats"]
-    base = build_model(dims, dev)
-    # LoRA training step: r=8, alpha 16 on q,k,v,o, AdamW over the LoRA parameters, identical weights.
+def lora_pair(base, peft, transformers):
+    """Ours and theirs with identical weights: r=8, alpha 16 on q,k,v,o, in training mode."""
     ours = copy.deepcopy(base).train()
     apply_lora(ours, rank=8, alpha=16, target_modules=QKVO)
     theirs = peft.get_peft_model(hf_twin(base, transformers), peft.LoraConfig(
@@ -423,31 +439,89 @@ def ecosystem_child(spec: dict) -> dict:
             target = theirs.base_model.model.get_submodule(name)
             target.lora_A["default"].weight.copy_(m.lora["default"].A.weight)
             target.lora_B["default"].weight.copy_(m.lora["default"].B.weight)
+    return ours, theirs
+
+
+def compile_cost_child(spec: dict) -> dict:
+    """Seconds of the first compiled LoRA step and the first compiled generate, with spec["cache"] as the cache."""
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache"]
+    torch.set_num_threads(spec["threads"])
+    dev, base = spec["device"], build_model(spec["dims"], spec["device"])
+    ours = copy.deepcopy(base).train()
+    apply_lora(ours, rank=8, alpha=16, target_modules=QKVO)
     x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0)).to(dev)
-    opt_ours = adamw([p for p in ours.parameters() if p.requires_grad], dev)
-    opt_theirs = adamw([p for p in theirs.parameters() if p.requires_grad], dev)
-    t_train = interleaved({"ours": lambda: train_step(ours, opt_ours, x, x),
-                           "theirs": lambda: train_step(theirs, opt_theirs, x, x)}, repeats, dev, warmup=2)
-    del ours, theirs, opt_ours, opt_theirs
+    net, opt = torch.compile(ours), adamw([p for p in ours.parameters() if p.requires_grad], dev)
+    start = time.perf_counter()
+    train_step(net, opt, x, x)
+    sync(dev)
+    train_s = time.perf_counter() - start
+    prompt = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
+    start = time.perf_counter()
+    base.eval().generate(prompt, max_new_tokens=spec["new_tokens"], eos_token_id=-1, compile=True)
+    sync(dev)
+    return {"train": train_s, "generate": time.perf_counter() - start}
+
+
+def ecosystem_child(spec: dict) -> dict:
+    """One scale: ours (eager and compiled) vs transformers (+ PEFT) on identical weights, interleaved; raw times."""
+    import peft
+    import transformers
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)  # peft calls APIs transformers deprecates
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = spec["cache"]
+    torch.set_num_threads(spec["threads"])
+    dev, dims, repeats = spec["device"], spec["dims"], spec["repeats"]
+    base = build_model(dims, dev)
+    # LoRA training step: r=8, alpha 16 on q,k,v,o, AdamW over the LoRA parameters, identical weights.
+    ours, theirs = lora_pair(base, peft, transformers)
+    compiled = copy.deepcopy(ours)
+    x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0)).to(dev)
+    opts = [adamw([p for p in m.parameters() if p.requires_grad], dev) for m in (ours, compiled, theirs)]
+    net = torch.compile(compiled)
+    t = interleaved({"ours": lambda: train_step(ours, opts[0], x, x),
+                     "compiled": lambda: train_step(net, opts[1], x, x),
+                     "theirs": lambda: train_step(theirs, opts[2], x, x)}, repeats, dev, warmup=2)
+    result = {"train": {"ours": t["ours"], "theirs": t["theirs"]},
+              "train compiled": {"ours": t["compiled"], "theirs": t["theirs"]}}
+    del ours, theirs, compiled, net, opts
 
     # Greedy generation of exactly new_tokens tokens with the KV cache, batch 1.
     new_tokens = spec["new_tokens"]
     ours, theirs = base.eval(), hf_twin(base, transformers).eval()
     prompt = torch.randint(3, 6400, (1, 16), generator=torch.Generator().manual_seed(1)).to(dev)
     mask = torch.ones_like(prompt)
+    compile_config = transformers.CompileConfig(fullgraph=True, dynamic=False, mode=None,
+                                                options={"cpp_wrapper": True})
+    compile_config._compile_all_devices = True  # transformers compiles only on accelerators unless told
     out = {}
 
-    def ours_gen():
-        out["ours"] = ours.generate(prompt, max_new_tokens=new_tokens, temperature=0, eos_token_id=-1)
+    def ours_gen(compile=False):
+        out["ours compiled" if compile else "ours"] = ours.generate(prompt, max_new_tokens=new_tokens,
+                                                                    eos_token_id=-1, compile=compile)
 
-    def theirs_gen():
+    def theirs_gen(static=False):
+        kw = {"cache_implementation": "static", "compile_config": compile_config} if static else {}
         with torch.inference_mode():
-            out["theirs"] = theirs.generate(prompt, attention_mask=mask, do_sample=False,
-                                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+            out["theirs compiled" if static else "theirs"] = theirs.generate(
+                prompt, attention_mask=mask, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                pad_token_id=0, **kw)
 
-    t_gen = interleaved({"ours": ours_gen, "theirs": theirs_gen}, repeats, dev, warmup=2)
-    assert out["ours"].shape == out["theirs"].shape == (1, 16 + new_tokens), (out["ours"].shape, out["theirs"].shape)
-    return {"train": t_train, "generate": t_gen, "same_tokens": torch.equal(out["ours"], out["theirs"])}
+    start = time.perf_counter()
+    theirs_gen(static=True)
+    sync(dev)
+    result["theirs_compile_s"] = time.perf_counter() - start
+    t = interleaved({"ours": ours_gen, "compiled": lambda: ours_gen(True), "theirs": theirs_gen,
+                     "theirs compiled": lambda: theirs_gen(True)}, repeats, dev, warmup=2)
+    for name, tokens in out.items():
+        assert tokens.shape == (1, 16 + new_tokens), (name, tokens.shape)
+    result.update({"generate": {"ours": t["ours"], "theirs": t["theirs"]},
+                   "generate compiled": {"ours": t["compiled"], "theirs": t["theirs"]},
+                   "generate compiled vs theirs compiled": {"ours": t["compiled"], "theirs": t["theirs compiled"]}})
+    result["same_tokens"] = {
+        "generate": torch.equal(out["ours"], out["theirs"]),
+        "generate compiled": torch.equal(out["ours compiled"], out["theirs"]),
+        "generate compiled vs theirs compiled": torch.equal(out["ours compiled"], out["theirs compiled"])}
+    return result
 
 
 def eco_row(dims, task, t) -> dict:
@@ -713,7 +787,7 @@ def write_markdown(path: Path, sections: dict, run) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child}
+CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child, "compile_cost": compile_cost_child}
 
 
 def main(argv=None) -> int:

@@ -52,6 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_lora_rank", type=int, default=16, help="the largest adapter rank the server accepts")
     a("--allow_runtime_lora", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
     a("--api_key", default=None, help="require `Authorization: Bearer KEY` on every /v1 endpoint")
+    a("--compile", action="store_true", help="decode with a static KV cache and a torch.compile'd step, compiled "
+      "for every batch bucket before serving (cached in {save_dir}/compile_cache for the next start)")
     args = p.parse_args(argv)
     for flag in ("max_batch", "max_seq_len", "max_loras", "max_lora_rank"):
         if getattr(args, flag) < 1:
@@ -77,10 +79,15 @@ def build_engine(args) -> tuple:
     """(engine, base model name): the base loaded as eval_llm.py loads it, every --lora_weight registered."""
     tok = Tokenizer()
     model = eval_llm.load_base(args, tok, args.weight)
-    engine = Engine(model, tok, args.max_batch, args.max_seq_len, args.max_loras, args.max_lora_rank)
+    engine = Engine(model, tok, args.max_batch, args.max_seq_len, args.max_loras, args.max_lora_rank, args.compile)
     for spec in eval_llm.split_list(args.lora_weight):
         path = find_adapter(spec, model.config.hidden_size, args.save_dir)
         engine.register(default_adapter_name(path, model), path)
+    if args.compile:
+        eval_llm.keep_compile_cache(args.save_dir)
+        start = time.perf_counter()
+        engine.warmup()
+        eval_llm.log(f"compiled the decode step for batch sizes {engine.buckets} in {time.perf_counter() - start:.1f} s")
     return engine, args.served_model_name or model.weight_name
 
 

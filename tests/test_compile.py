@@ -22,14 +22,14 @@ def test_static_cache_forward_equals_dynamic_cache():
     mask = torch.ones_like(ids)
     mask[1, :4] = 0  # row 1 is left-padded: its 5 real tokens must decode as if alone
     with torch.inference_mode():
-        cache = StaticKVCache(model.config, 2, 64, pad=(mask == 0).sum(-1))
+        cache = StaticKVCache(model.config, 2, 64, start=(mask == 0).sum(-1))
         got = [model(ids, past_key_values=cache, use_cache=True).logits[:, -1]]
         want = [model(ids[:1]).logits[:, -1], model(ids[1:, 4:]).logits[:, -1]]
         nxt = got[0].argmax(-1, keepdim=True)
         got.append(model(nxt, past_key_values=cache, use_cache=True).logits[:, -1])
         want += [model(torch.cat([ids[:1], nxt[:1]], 1)).logits[:, -1],
                  model(torch.cat([ids[1:, 4:], nxt[1:]], 1)).logits[:, -1]]
-    assert int(cache.length) == 10
+    assert cache.length.tolist() == [10, 10]
     torch.testing.assert_close(got[0], torch.cat(want[:2]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got[1], torch.cat(want[2:]), atol=1e-4, rtol=1e-4)
     assert static_len(10, model.config) == STATIC_BUCKET and static_len(STATIC_BUCKET + 1, model.config) == 2 * STATIC_BUCKET

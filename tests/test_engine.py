@@ -158,3 +158,29 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_keeps_serving(adapt
         assert engine.in_use[1] == 0  # the failed request's slot was released
     finally:
         engine.stop()
+
+
+def test_compiled_engine_replies_equal_the_eager_engine_and_never_compile_after_warmup(adapters):
+    import torch._dynamo
+    tok = Tokenizer()
+    questions = ["hi", "你是谁？", "What is the capital of Japan?", "请计算3加5。", "Tell me a story."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+               for q in questions]
+    names = [None, "a", "b", "a", None]
+    replies = {}
+    for compile in (False, True):
+        # max_loras 1: "b" is read into the slot after warmup, so the compiled step must read the bank, not a copy.
+        engine = Engine(varied_model(0), tok, max_batch=4, max_seq_len=64, max_loras=1, compile=compile)
+        engine.register("a", adapters / "a.pth")
+        engine.register("b", adapters / "b.safetensors")
+        engine.warmup().start()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        try:
+            events = run(engine, *[Request(p, n, max_tokens=8) for p, n in zip(prompts, names)], timeout=120)
+        finally:
+            engine.stop()
+        replies[compile] = [e[-1]["text"] for e in events]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert engine.buckets == [1, 2, 4]
+    assert len(set(replies[False])) >= 4  # varied replies: the adapters and prompts matter
+    assert replies[True] == replies[False]
