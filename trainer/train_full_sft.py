@@ -11,7 +11,7 @@ from trainer.trainer_utils import DEMO_DIR, build_parser, fit_full, run_main  # 
 
 def main(argv=None):
     args = build_parser(__doc__, save_weight="full_sft", data_path=DEMO_DIR / "sft.jsonl", from_weight="pretrain",
-                        learning_rate=1.5e-3, batch_size=16, epochs=3).parse_args(argv)
+                        learning_rate=1.5e-3, batch_size=8, epochs=3).parse_args(argv)
     return fit_full(args, SFTDataset)
 
 
