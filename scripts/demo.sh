@@ -30,7 +30,7 @@ stage lora_identity python trainer/train_lora.py "${T[@]}" --lora_name lora_iden
   --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 8 "$@"
 # New facts need the MLPs: on q_proj,o_proj (the default) the medical adapter stays under 10%.
 stage lora_medical python trainer/train_lora.py "${T[@]}" --lora_name lora_medical \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 1.5e-3 --epochs 6 --lora_dropout 0.1 "$@"
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 3e-3 --epochs 6 --lora_dropout 0.1 "$@"
 D=dataset/demo
 EVAL="$D/eval_capitals.jsonl,$D/eval_general.jsonl,$D/outside_general.jsonl,$D/eval_identity.jsonl"
 EVAL="$EVAL,$D/outside_identity.jsonl,$D/eval_medical.jsonl,$D/outside_medical.jsonl,$D/eval_pretrain.jsonl"
