@@ -132,16 +132,19 @@ class RowKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.length = torch.zeros(0, dtype=torch.long, device=device)  # (B,): set by the caller for each step
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, kv_heads, T, head_dim) of row b at positions length[b]..; return rows 0..B-1 up to
-        the longest row."""
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k, v (B, kv_heads, T, head_dim) of row b at positions length[b]..; return those positions (B, T)."""
         B, T = k.shape[0], k.shape[2]
-        pos = self.length[:, None] + torch.arange(T, device=k.device)
+        pos = self.length[:B, None] + torch.arange(T, device=k.device)
         rows = torch.arange(B, device=k.device)[:, None]
         self.keys[layer][rows, :, pos] = k.transpose(1, 2)
         self.values[layer][rows, :, pos] = v.transpose(1, 2)
-        end = int(pos.max()) + 1
-        return self.keys[layer][:B, :, :end], self.values[layer][:B, :, :end]
+        return pos
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """write(), then return rows 0..B-1 up to the longest row."""
+        end = int(self.write(layer, k, v).max()) + 1
+        return self.keys[layer][:k.shape[0], :, :end], self.values[layer][:k.shape[0], :, :end]
 
     def put_row(self, row: int, src: KVCache, length: int) -> None:
         """Copy a request's prefilled cache (batch of one) into `row`."""
@@ -179,12 +182,9 @@ class StaticKVCache(RowKVCache):
         return self.cos[pos][:, None], self.sin[pos][:, None], keep[:, None]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        B, T = k.shape[0], k.shape[2]
-        slot = self.length[:B, None] + torch.arange(T, device=k.device)
-        rows = torch.arange(B, device=k.device)[:, None]
-        self.keys[layer][rows, :, slot] = k.transpose(1, 2)
-        self.values[layer][rows, :, slot] = v.transpose(1, 2)
-        return self.keys[layer][:B], self.values[layer][:B]
+        """write(), then return rows 0..B-1 whole: the fixed shape is what lets one compiled step serve every length."""
+        self.write(layer, k, v)
+        return self.keys[layer][:k.shape[0]], self.values[layer][:k.shape[0]]
 
 
 class Attention(nn.Module):
