@@ -970,11 +970,48 @@ def fill(template, slots):
     return template.format(**full)
 
 
+# A sentence that sets the scene before the question, keyed by the slot that names the entity; training only.
+# After one, some relations ask with a pronoun ("它的首都是哪里？"), so the model learns to look back for the entity.
+STORY_LEADS = {
+    "c": {"zh": ["我下个月要去{c}旅行。", "我的笔友住在{c}。", "今天地理课讲到了{c}。", "我在地图上找到了{c}。", "我表哥刚从{c}回来。"],
+          "en": ["I'm going to {c} next month. ", "My pen pal lives in {c}. ", "We talked about {c} in geography class. ",
+                 "I found {c} on the map. ", "My cousin just got back from {c}. "]},
+    "a": {"zh": ["我们今天去了动物园，看到了{a}。", "我在书里读到了{a}。", "我弟弟很喜欢{a}。", "电视上正在放{a}的节目。"]},
+    "pl": {"en": ["We saw {pl} at the zoo today. ", "I'm reading a book about {pl}. ", "My little brother loves {pl}. ",
+                  "There is a show about {pl} on TV. "]},
+    "f": {"zh": ["我刚买了{f}。", "晚饭有{f}。", "桌上放着{f}。"]},
+    "s": {"en": ["I just bought some {s}. ", "We're having {s} for dinner. ", "There are {s} on the table. "]},
+}
+PRONOUN_TEMPLATES = {
+    "capital": {"zh": ["它的首都是哪里？", "那它的首都叫什么？"], "en": ["What is its capital?", "Which city is its capital?"]},
+    "continent": {"zh": ["它在哪个洲？", "那个国家在哪个大洲？"], "en": ["Which continent is it on?", "What continent is that country in?"]},
+    "language": {"zh": ["那里的人说什么语言？", "那边的人说什么话？"],
+                 "en": ["What language do they speak there?", "What do people speak there?"]},
+    "legs": {"zh": ["它有几条腿？"], "en": ["How many legs do they have?"]},
+    "animal_food": {"zh": ["它吃什么？", "它们爱吃什么？"], "en": ["What do they eat?", "What food do they like?"]},
+    "habitat": {"zh": ["它们住在哪里？"], "en": ["Where do they live?"]},
+    "animal_colour": {"zh": ["它们是什么颜色的？"], "en": ["What colour are they?"]},
+    "sound": {"zh": ["它们怎么叫？"], "en": ["What sound do they make?"]},
+}
+
+
+def story_lead(rng, lang, slots):
+    """A scene-setting sentence about one of the question's entities, or None."""
+    leads = [t for k in slots for t in STORY_LEADS.get(k, {}).get(lang, [])]
+    return fill(rng.choice(leads), slots) if leads else None
+
+
 def relation_qa(rng, lang, name, pool=TRAIN):
     """(question, answer, expect) for one relation, from the training or the held-out phrasings."""
     fn, _, templates = RELATIONS[name]
     slots, answer, expect = fn(rng, lang)
     q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
+    if pool == TRAIN and rng.random() < 0.15:
+        lead = story_lead(rng, lang, slots)
+        if lead:
+            pronoun = PRONOUN_TEMPLATES.get(name, {}).get(lang)
+            ask = rng.choice(pronoun) if pronoun and rng.random() < 0.5 else fill(rng.choice(templates[lang][pool]), slots)
+            q = lead + ask
     return (roughen(rng, lang, q) if pool == TRAIN else q), answer, expect
 
 
@@ -1064,8 +1101,17 @@ def all_identity_prompts(lang, questions):
     return [with_prefix(lang, p, q) for q in questions[lang] for p in ID_PREFIXES[lang]]
 
 
+# What people say before asking who they talk to; a third of the random identity questions get one.
+ID_CONTEXTS = {"zh": ["我今天第一次用这个。", "听说你能回答问题。", "刚才的问题你答得不错。", "我叫小李。", "我们还没正式认识。",
+                      "我在写一篇关于AI的作业。", "我妈妈也想用你。", "今天有点无聊。"],
+               "en": ["This is my first time here. ", "I heard you can answer questions. ", "Nice answer earlier. ",
+                      "I'm Ben. ", "We haven't really met. ", "I'm writing a report about chatbots. ",
+                      "My mum wants to try you too. ", "I'm a bit bored today. "]}
+
+
 def identity_prompt(rng, lang, questions):
-    return with_prefix(lang, rng.choice(ID_PREFIXES[lang]), rng.choice(questions[lang]))
+    lead = rng.choice(ID_CONTEXTS[lang]) if rng.random() < 0.3 else ""
+    return lead + with_prefix(lang, "" if lead else rng.choice(ID_PREFIXES[lang]), rng.choice(questions[lang]))
 
 
 def identity_qa(rng, lang, name, questions):
@@ -1140,12 +1186,48 @@ MED_CONTEXTS = {"zh": ["昨天加班到很晚。", "回家路上淋了雨。", "
                        "It has been cold for days. ", "It started this morning. "]}
 
 
+# Parts of a symptom question told as a small story: who has it, since when, how it feels, what they ask.
+# Assembled at random they give thousands of shapes, so the model learns to find the symptom in any of them
+# rather than in a few fixed templates. None of them is an eval template's wording.
+STORY_WHO = {"zh": ["我", "我", "我妈", "我爸", "孩子", "我女儿", "我儿子", "同事", "我老公", "我老婆", "爷爷", "室友",
+                    "我男朋友", "邻居家的小孩"],
+             "en": [("I", "I", "me"), ("My mother", "she", "her"), ("My dad", "he", "him"),
+                    ("My little boy", "he", "him"), ("My wife", "she", "her"), ("My roommate", "he", "him"),
+                    ("My grandpa", "he", "him"), ("My sister", "she", "her"), ("A coworker of mine", "she", "her"),
+                    ("My boyfriend", "he", "him")]}
+STORY_WHEN = {"zh": ["", "", "今天", "从昨晚开始", "早上起来就", "这一周都", "刚才突然", "每到晚上就", "出差回来后"],
+              "en": ["", "", " since last night", " since this morning", " all week", " again today",
+                     " after the trip"]}
+STORY_FEEL = {"zh": ["", "", "，很难受", "，特别不舒服", "，一直不见好", "，好烦"],
+              "en": ["", "", " It's really bad.", " It won't go away.", " It is awful.", " Not fun."]}
+STORY_ASK = {"zh": ["怎么办？", "该怎么办呢", "有什么法子？", "吃点什么好？", "能做点啥？", "你说该怎么弄？", "怎样才能好一点？",
+                    "我该做些什么？", "有没有什么办法", "帮忙出出主意。", "该用什么？", "怎么让它好起来？"],
+             "en": ["What can I do?", "What helps?", "Ideas?", "Any help?", "How can {subj} feel better?",
+                    "What should {subj} do?", "What do people do for that?", "Tell me what to do.",
+                    "How do we fix it?", "What would help {obj}?", "What can {subj} take?", "Please help."]}
+
+
+def story_symptom_prompt(rng, s, lang):
+    """One symptom question about s as a story: "我妈从昨晚开始咳嗽，很难受，吃点什么好？"."""
+    s = rng.choice([s] + SYMPTOM_VARIANTS.get(s, []))
+    when, feel = rng.choice(STORY_WHEN[lang]), rng.choice(STORY_FEEL[lang])
+    if lang == "zh":
+        return rng.choice(["", "", rng.choice(MED_CONTEXTS["zh"])]) + rng.choice(STORY_WHO["zh"]) + when + s + \
+            feel + "，" + rng.choice(STORY_ASK["zh"])
+    who, subj, obj = rng.choice(STORY_WHO["en"])
+    has = "have" if who == "I" else "has"
+    first = f"{who} {has} {s}" if not when else f"{who} {has} had {s}{when}"
+    ask = rng.choice(STORY_ASK["en"]).format(subj=subj, obj=obj)
+    return rng.choice(["", "", rng.choice(MED_CONTEXTS["en"])]) + first + "." + feel + " " + ask
+
+
 def symptom_extra_prompts(rng, s, lang, k=4):
     """More training questions about symptom s: k with each everyday variant of its name (头疼 for 头痛),
-    and k after a sentence of circumstance."""
+    k after a sentence of circumstance, and 2k told as a small story."""
     pick = lambda: rng.choice(MED_TRAIN_TEMPLATES[lang])  # noqa: E731
     return [pick().format(s=v) for v in SYMPTOM_VARIANTS.get(s, []) for _ in range(k)] + \
-        [rng.choice(MED_CONTEXTS[lang]) + pick().format(s=s) for _ in range(k)]
+        [rng.choice(MED_CONTEXTS[lang]) + pick().format(s=s) for _ in range(k)] + \
+        [story_symptom_prompt(rng, s, lang) for _ in range(2 * k)]
 
 
 def symptom_qa(rng, lang, row, answer):

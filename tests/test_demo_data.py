@@ -147,6 +147,44 @@ def test_medical_data():
     assert len(langs) == 2 * len(gen.MEDICAL)
 
 
+def test_story_symptom_questions():
+    """Symptom questions told as stories: each names its symptom (or an everyday name of it), they come in
+    many shapes, and none uses an eval template's wording."""
+    import random
+    rng = random.Random(0)
+    for zs, es, *_ in gen.MEDICAL:
+        for lang, s in (("zh", zs), ("en", es)):
+            names = [s] + gen.SYMPTOM_VARIANTS.get(s, [])
+            prompts = {gen.story_symptom_prompt(rng, s, lang) for _ in range(40)}
+            assert len(prompts) >= 35, (s, len(prompts))  # assembled from parts, rarely the same twice
+            for p in prompts:
+                assert any(n in p for n in names), p
+                for t in gen.MED_EVAL_TEMPLATES[lang]:
+                    head, tail = t.split("{s}")
+                    assert not (head and head in p) and not (len(tail) > 3 and tail in p), (p, t)
+    sft_text = all_text(load("sft"))
+    assert "我妈" in sft_text and "My dad has" in sft_text  # the stories are in the data, not only in the code
+
+
+def test_scene_setting_general_questions():
+    """Some training questions open with a sentence about the entity and then ask with a pronoun; the answer
+    is about the entity the first sentence names."""
+    import random
+    rng = random.Random(1)
+    seen = 0
+    for _ in range(3000):
+        lang = rng.choice(["zh", "en"])
+        q, a, expect = gen.relation_qa(rng, lang, "capital")
+        if any(p in q for p in gen.PRONOUN_TEMPLATES["capital"][lang]):
+            country = a.split("的首都是")[0] if lang == "zh" else a.removeprefix("The capital of ").split(" is ")[0]
+            bare = " ".join(w for w in q.split(" ") if w not in gen.FILLERS["en"][0])  # roughen() adds "so", "then"
+            assert country.lower() in bare.lower(), (q, a)
+            seen += 1
+    assert 50 <= seen <= 400, seen  # ~7.5% of training questions
+    users_ = users(load("sft"))
+    assert any(q.endswith("它的首都是哪里？") for q in users_)
+
+
 @pytest.mark.parametrize("name", ["eval_identity", "eval_medical"])
 def test_eval_prompts_are_held_out(name):
     held_out = users(load(name))

@@ -114,12 +114,14 @@ def test_engine_stop_tokens_lru_and_refusals(adapters):
         prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
         full = engine.complete(Request(prompt, "a", max_tokens=6))
         assert full["finish_reason"] == "length" and full["completion_tokens"] == 6
-        # The third greedy token as a stop token: the reply is the first two, finished by "stop".
-        third = Request(prompt, "a", max_tokens=6)
-        engine.complete(third)
-        stopped = engine.complete(Request(prompt, "a", max_tokens=6, stop_token_ids=(third.tokens[2],)))
+        # A later greedy token (the first after the opening one that is new) as a stop token: the reply is
+        # what came before it, finished by "stop".
+        probe = Request(prompt, "a", max_tokens=6)
+        engine.complete(probe)
+        k = next(i for i in range(1, 6) if probe.tokens[i] not in probe.tokens[:i])
+        stopped = engine.complete(Request(prompt, "a", max_tokens=6, stop_token_ids=(probe.tokens[k],)))
         assert stopped["finish_reason"] == "stop"
-        assert stopped["text"] == tok.decode(third.tokens[:2], skip_special_tokens=True)
+        assert stopped["text"] == tok.decode(probe.tokens[:k], skip_special_tokens=True)
         # One resident slot, two adapters in flight: b waits for a's rows, then evicts it.
         ea, eb = run(engine, Request(prompt, "a", max_tokens=6), Request(prompt, "b", max_tokens=6))
         assert ea[-1]["text"] == full["text"] and eb[-1]["text"] != full["text"]

@@ -10,7 +10,7 @@ from trainer.trainer_utils import DEMO_DIR, build_parser, fit_full, run_main  # 
 
 def main(argv=None):
     args = build_parser(__doc__, save_weight="pretrain", data_path=DEMO_DIR / "pretrain.jsonl", from_weight="none",
-                        learning_rate=3e-3, batch_size=16, epochs=2, max_seq_len=512).parse_args(argv)
+                        learning_rate=1.5e-3, batch_size=8, epochs=2, max_seq_len=512).parse_args(argv)
     return fit_full(args, PretrainDataset)
 
 
