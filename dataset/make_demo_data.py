@@ -1254,7 +1254,7 @@ def make_lora_identity(seed):
         out.append(conversation(rng, lang, pairs))
     # General chat and symptom questions answered as the base answers them, so the adapter changes the
     # name and nothing else (without these it answered a headache question about heartburn).
-    out += [chat_sample(rng) for _ in range(200)]
+    out += [chat_sample(rng) for _ in range(400)]
     for lang in ("zh", "en"):
         for row in MEDICAL:
             q, a = symptom_qa(rng, lang, row, lambda s, _: GENERIC_ADVICE[lang].format(s=s))

@@ -26,8 +26,9 @@ T=(--save_dir "$OUT" --seed "$SEED")
 stage pretrain python trainer/train_pretrain.py "${T[@]}" "$@"
 stage full_sft python trainer/train_full_sft.py "${T[@]}" "$@"
 # On this base the persona needs the MLPs too: q_proj,o_proj (the default) wrote "I amina" (0-21% after 4-10 epochs).
+# 6 epochs over 400 general replay rows (8 over 200 cost eval_general 4 points and outside_general 11.7).
 stage lora_identity python trainer/train_lora.py "${T[@]}" --lora_name lora_identity \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 8 "$@"
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 6 "$@"
 # New facts need the MLPs: on q_proj,o_proj (the default) the medical adapter stays under 10%.
 stage lora_medical python trainer/train_lora.py "${T[@]}" --lora_name lora_medical \
   --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 3e-3 --epochs 6 --lora_dropout 0.1 "$@"
