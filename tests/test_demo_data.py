@@ -1,4 +1,5 @@
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -150,7 +151,6 @@ def test_medical_data():
 def test_story_symptom_questions():
     """Symptom questions told as stories: each names its symptom (or an everyday name of it), they come in
     many shapes, and none uses an eval template's wording."""
-    import random
     rng = random.Random(0)
     for zs, es, *_ in gen.MEDICAL:
         for lang, s in (("zh", zs), ("en", es)):
@@ -169,12 +169,11 @@ def test_story_symptom_questions():
 def test_scene_setting_general_questions():
     """Some training questions open with a sentence about the entity and then ask with a pronoun; the answer
     is about the entity the first sentence names."""
-    import random
     rng = random.Random(1)
     seen = 0
     for _ in range(3000):
         lang = rng.choice(["zh", "en"])
-        q, a, expect = gen.relation_qa(rng, lang, "capital")
+        q, a, _ = gen.relation_qa(rng, lang, "capital")
         if any(p in q for p in gen.PRONOUN_TEMPLATES["capital"][lang]):
             country = a.split("的首都是")[0] if lang == "zh" else a.removeprefix("The capital of ").split(" is ")[0]
             bare = " ".join(w for w in q.split(" ") if w not in gen.FILLERS["en"][0])  # roughen() adds "so", "then"
