@@ -937,12 +937,12 @@ RELATIONS = {
 # Lead-ins before a question: training ones, and held-out ones for eval_general.
 LEAD_INS = {"zh": (["", "", "", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，",
                     "老师问我：", "我在做作业，", "突然想到一个问题：", "帮我看看，", "想请教一下，", "嗨，", "朋友问我：",
-                    "我弟弟想知道，"],
+                    "我弟弟想知道，", "你知道吗？", "你能告诉我吗？", "你来说说，", "问你个事，"],
                    ["麻烦告诉我，", "我很好奇，"]),
             "en": (["", "", "", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
                     "I have a question. ", "My teacher asked me this. ", "I'm doing my homework. ", "Help me out: ",
                     "Hello again! ", "Sorry to bother you, ", "My son wants to know: ", "Just wondering, ",
-                    "Can you answer this? "],
+                    "Can you answer this? ", "Do you know? ", "Can you tell me? ", "You know a lot. ", "Let me ask you: "],
                    ["Could you help me? ", "I'm curious. "])}
 TRAIN, EVAL = 0, 1
 # What people add around a question; training questions get them at random, so the model learns to skip them.
@@ -1016,9 +1016,9 @@ def relation_qa(rng, lang, name, pool=TRAIN, fact=None):
     (slots, answer, expect) instead of a random one."""
     fn, _, templates = RELATIONS[name]
     slots, answer, expect = fact or fn(rng, lang)
-    if pool == TRAIN and name in ("add", "sub") and rng.random() < 0.2:  # as people write them: 十二减五, seven plus six
-        words = ZH_NUM if lang == "zh" else EN_NUM
-        slots = {k: words[v] for k, v in slots.items()}
+    # Numbers as people write them ("seven plus six"); not in Chinese, where 十一 is also in 十一月 and 星期五.
+    if pool == TRAIN and name in ("add", "sub") and lang == "en" and rng.random() < 0.2:
+        slots = {k: EN_NUM[v] for k, v in slots.items()}
     q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
     if pool == TRAIN and rng.random() < 0.15:
         lead = story_lead(rng, lang, slots)

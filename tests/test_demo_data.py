@@ -186,21 +186,18 @@ def test_scene_setting_general_questions():
 
 
 def test_sft_asks_every_sum_and_difference():
-    """The whole table within 20 is asked in both languages; some questions spell the numbers out."""
+    """The whole table within 20 is asked in both languages; some English questions spell the numbers out."""
     rows = load("sft")
     answers = {m["content"] for r in rows for m in r["conversations"] if m["role"] == "assistant"}
     for x, y in gen.ARITHMETIC_PAIRS["add"]:
         assert {f"{x}加{y}等于{x + y}。", f"{x} plus {y} equals {x + y}."} <= answers, (x, y)
     for x, y in gen.ARITHMETIC_PAIRS["sub"]:
         assert {f"{x}减{y}等于{x - y}。", f"{x} minus {y} equals {x - y}."} <= answers, (x, y)
-    zh = "|".join(sorted(gen.ZH_NUM, key=len, reverse=True))
     en = "|".join(gen.EN_NUM)
-    asked = users(rows)
-    spelled_zh = [q for q in asked if re.search(f"({zh})(加|减)({zh})", q)]
-    spelled_en = [q for q in asked if re.search(rf"\b({en})\b (plus|minus|\+|-) \b({en})\b", q, re.I)]
-    assert len(spelled_zh) >= 50 and len(spelled_en) >= 30, (len(spelled_zh), len(spelled_en))
+    spelled = [q for q in users(rows) if re.search(rf"\b({en})\b (plus|minus|\+|-) \b({en})\b", q, re.I)]
+    assert len(spelled) >= 30, len(spelled)
     # eval_general keeps digits: its phrasings stay those of the held-out pool
-    assert not any(re.search(f"({zh})(加|减)({zh})", q) for q in users(load("eval_general")))
+    assert not any(re.search(rf"\b({en})\b (plus|minus|\+|-) ", q, re.I) for q in users(load("eval_general")))
 
 
 @pytest.mark.parametrize("name", ["eval_identity", "eval_medical"])
