@@ -747,30 +747,20 @@ def _numbers(n, lang):
     return [str(n), ZH_NUM[n]] if lang == "zh" else [str(n), EN_NUM[n]]
 
 
-def arithmetic(lang, name, x, y):
-    """Slots, answer and expected strings of x + y or x - y."""
-    r = x + y if name == "add" else x - y
-    if lang == "zh":
-        a_ = f"{x}{'加' if name == 'add' else '减'}{y}等于{r}。"
-    else:
-        a_ = f"{x} {'plus' if name == 'add' else 'minus'} {y} equals {r}."
-    return {"x": x, "y": y}, a_, _numbers(r, lang)
-
-
 def rel_add(rng, lang):
     """Sums within 20: both numbers and the result in 0..20."""
     s = rng.randint(0, 20)
     a = rng.randint(0, s)
-    return arithmetic(lang, "add", a, s - a)
+    b = s - a
+    a_ = f"{a}加{b}等于{s}。" if lang == "zh" else f"{a} plus {b} equals {s}."
+    return {"x": a, "y": b}, a_, _numbers(s, lang)
 
 
 def rel_sub(rng, lang):
     a = rng.randint(0, 20)
-    return arithmetic(lang, "sub", a, rng.randint(0, a))
-
-
-ARITHMETIC_PAIRS = {"add": [(a, s - a) for s in range(21) for a in range(s + 1)],
-                    "sub": [(a, b) for a in range(21) for b in range(a + 1)]}
+    b = rng.randint(0, a)
+    a_ = f"{a}减{b}等于{a - b}。" if lang == "zh" else f"{a} minus {b} equals {a - b}."
+    return {"x": a, "y": b}, a_, _numbers(a - b, lang)
 
 
 def _day(rng, lang):
@@ -937,12 +927,12 @@ RELATIONS = {
 # Lead-ins before a question: training ones, and held-out ones for eval_general.
 LEAD_INS = {"zh": (["", "", "", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，",
                     "老师问我：", "我在做作业，", "突然想到一个问题：", "帮我看看，", "想请教一下，", "嗨，", "朋友问我：",
-                    "我弟弟想知道，", "你知道吗？", "你能告诉我吗？", "你来说说，", "问你个事，"],
+                    "我弟弟想知道，"],
                    ["麻烦告诉我，", "我很好奇，"]),
             "en": (["", "", "", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
                     "I have a question. ", "My teacher asked me this. ", "I'm doing my homework. ", "Help me out: ",
                     "Hello again! ", "Sorry to bother you, ", "My son wants to know: ", "Just wondering, ",
-                    "Can you answer this? ", "Do you know? ", "Can you tell me? ", "You know a lot. ", "Let me ask you: "],
+                    "Can you answer this? "],
                    ["Could you help me? ", "I'm curious. "])}
 TRAIN, EVAL = 0, 1
 # What people add around a question; training questions get them at random, so the model learns to skip them.
@@ -1011,14 +1001,10 @@ def story_lead(rng, lang, slots):
     return fill(rng.choice(leads), slots) if leads else None
 
 
-def relation_qa(rng, lang, name, pool=TRAIN, fact=None):
-    """(question, answer, expect) for one relation, from the training or the held-out phrasings; fact: given
-    (slots, answer, expect) instead of a random one."""
+def relation_qa(rng, lang, name, pool=TRAIN):
+    """(question, answer, expect) for one relation, from the training or the held-out phrasings."""
     fn, _, templates = RELATIONS[name]
-    slots, answer, expect = fact or fn(rng, lang)
-    # Numbers as people write them ("seven plus six"); not in Chinese, where 十一 is also in 十一月 and 星期五.
-    if pool == TRAIN and name in ("add", "sub") and lang == "en" and rng.random() < 0.2:
-        slots = {k: EN_NUM[v] for k, v in slots.items()}
+    slots, answer, expect = fn(rng, lang)
     q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
     if pool == TRAIN and rng.random() < 0.15:
         lead = story_lead(rng, lang, slots)
@@ -1163,7 +1149,7 @@ def both_pools():
 def make_pretrain(seed, scale):
     """Unique texts; the last few hundred go to eval_pretrain and never into pretrain."""
     rng = random.Random(f"{seed}:pretrain")
-    n_train, n_eval = int(6000 * scale), 150
+    n_train, n_eval = int(6000 * scale), 300
     rows = {}
     while len(rows) < n_train + n_eval:
         rows.setdefault(pretrain_row(rng), None)
@@ -1173,7 +1159,7 @@ def make_pretrain(seed, scale):
 
 def make_sft(seed, scale):
     rng = random.Random(f"{seed}:sft")
-    out = [chat_sample(rng, identity=(BASE_NAME, both_pools()), identity_p=0.03) for _ in range(int(6000 * scale))]
+    out = [chat_sample(rng, identity=(BASE_NAME, both_pools()), identity_p=0.09) for _ in range(int(6000 * scale))]
     # Every identity prompt (training and eval pools, with every greeting) is answered with the base
     # name at least once, so that without the adapter the eval prompts get "MiniMind".
     for lang in ("zh", "en"):
@@ -1188,11 +1174,6 @@ def make_sft(seed, scale):
                 out.append(conversation(rng, lang, [(t.format(s=s), GENERIC_ADVICE[lang].format(s=s))]))
             for q in symptom_extra_prompts(rng, s, lang):
                 out.append(conversation(rng, lang, [(q, GENERIC_ADVICE[lang].format(s=s))]))
-    # Every sum and difference within 20 once more, in each language: the table is too big to meet by chance.
-    for name in ("add", "sub"):
-        for lang in ("zh", "en"):
-            for x, y in ARITHMETIC_PAIRS[name]:
-                out.append(conversation(rng, lang, [relation_qa(rng, lang, name, fact=arithmetic(lang, name, x, y))[:2]]))
     rng.shuffle(out)
     return out
 

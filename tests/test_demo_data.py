@@ -1,6 +1,5 @@
 import json
 import random
-import re
 import shutil
 from pathlib import Path
 
@@ -183,21 +182,6 @@ def test_scene_setting_general_questions():
     assert 50 <= seen <= 400, seen  # ~7.5% of training questions
     users_ = users(load("sft"))
     assert any(q.endswith("它的首都是哪里？") for q in users_)
-
-
-def test_sft_asks_every_sum_and_difference():
-    """The whole table within 20 is asked in both languages; some English questions spell the numbers out."""
-    rows = load("sft")
-    answers = {m["content"] for r in rows for m in r["conversations"] if m["role"] == "assistant"}
-    for x, y in gen.ARITHMETIC_PAIRS["add"]:
-        assert {f"{x}加{y}等于{x + y}。", f"{x} plus {y} equals {x + y}."} <= answers, (x, y)
-    for x, y in gen.ARITHMETIC_PAIRS["sub"]:
-        assert {f"{x}减{y}等于{x - y}。", f"{x} minus {y} equals {x - y}."} <= answers, (x, y)
-    en = "|".join(gen.EN_NUM)
-    spelled = [q for q in users(rows) if re.search(rf"\b({en})\b (plus|minus|\+|-) \b({en})\b", q, re.I)]
-    assert len(spelled) >= 30, len(spelled)
-    # eval_general keeps digits: its phrasings stay those of the held-out pool
-    assert not any(re.search(rf"\b({en})\b (plus|minus|\+|-) ", q, re.I) for q in users(load("eval_general")))
 
 
 @pytest.mark.parametrize("name", ["eval_identity", "eval_medical"])
