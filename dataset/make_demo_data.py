@@ -927,12 +927,14 @@ RELATIONS = {
 # Lead-ins before a question: training ones, and held-out ones for eval_general.
 LEAD_INS = {"zh": (["", "", "", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，",
                     "老师问我：", "我在做作业，", "突然想到一个问题：", "帮我看看，", "想请教一下，", "嗨，", "朋友问我：",
-                    "我弟弟想知道，"],
+                    "我弟弟想知道，", "你知道吗？", "你能告诉我吗？", "请你告诉我，", "你说说看，", "你清楚吗？",
+                    "我想问问你，"],
                    ["麻烦告诉我，", "我很好奇，"]),
             "en": (["", "", "", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
                     "I have a question. ", "My teacher asked me this. ", "I'm doing my homework. ", "Help me out: ",
                     "Hello again! ", "Sorry to bother you, ", "My son wants to know: ", "Just wondering, ",
-                    "Can you answer this? "],
+                    "Can you answer this? ", "Do you know? ", "Can you tell me? ", "Tell me, do you know? ",
+                    "Would you know? ", "Let me ask you something. ", "I wonder, "],
                    ["Could you help me? ", "I'm curious. "])}
 TRAIN, EVAL = 0, 1
 # What people add around a question; training questions get them at random, so the model learns to skip them.
@@ -1001,10 +1003,11 @@ def story_lead(rng, lang, slots):
     return fill(rng.choice(leads), slots) if leads else None
 
 
-def relation_qa(rng, lang, name, pool=TRAIN):
-    """(question, answer, expect) for one relation, from the training or the held-out phrasings."""
+def relation_qa(rng, lang, name, pool=TRAIN, picked=None):
+    """(question, answer, expect) for one relation, from the training or the held-out phrasings;
+    picked = (slots, answer, expect) asks about a given entity instead of a random one."""
     fn, _, templates = RELATIONS[name]
-    slots, answer, expect = fn(rng, lang)
+    slots, answer, expect = picked or fn(rng, lang)
     q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
     if pool == TRAIN and rng.random() < 0.15:
         lead = story_lead(rng, lang, slots)
@@ -1157,6 +1160,10 @@ def make_pretrain(seed, scale):
     return rows[:n_train], rows[n_train:]
 
 
+# Copies of the whole sum and difference table per language in sft (see make_sft).
+ARITH_TABLE_COPIES = 3
+
+
 def make_sft(seed, scale):
     rng = random.Random(f"{seed}:sft")
     out = [chat_sample(rng, identity=(BASE_NAME, both_pools()), identity_p=0.09) for _ in range(int(6000 * scale))]
@@ -1174,6 +1181,17 @@ def make_sft(seed, scale):
                 out.append(conversation(rng, lang, [(t.format(s=s), GENERIC_ADVICE[lang].format(s=s))]))
             for q in symptom_extra_prompts(rng, s, lang):
                 out.append(conversation(rng, lang, [(q, GENERIC_ADVICE[lang].format(s=s))]))
+    # Every sum and difference within 20, ARITH_TABLE_COPIES times per language: drawn at random, a given sum
+    # came up about once per epoch and the model answered near misses ("8 plus 5 equals 12").
+    for lang in ("zh", "en") * ARITH_TABLE_COPIES:
+        for s in range(21):
+            for a in range(s + 1):
+                b = s - a
+                add = f"{a}加{b}等于{s}。" if lang == "zh" else f"{a} plus {b} equals {s}."
+                sub = f"{s}减{a}等于{b}。" if lang == "zh" else f"{s} minus {a} equals {b}."
+                for name, picked in (("add", ({"x": a, "y": b}, add, None)), ("sub", ({"x": s, "y": a}, sub, None))):
+                    q, ans, _ = relation_qa(rng, lang, name, picked=picked)
+                    out.append(conversation(rng, lang, [(q, ans)]))
     rng.shuffle(out)
     return out
 
