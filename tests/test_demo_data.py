@@ -184,6 +184,25 @@ def test_scene_setting_general_questions():
     assert any(q.endswith("它的首都是哪里？") for q in users_)
 
 
+def test_sft_drills_every_sum_and_difference():
+    """sft answers every sum and difference within 20, in both languages, at least ARITH_TABLE_COPIES times,
+    each asked in a training phrasing whose question names both numbers."""
+    answers = {}
+    for r in load("sft"):
+        msgs = r["conversations"]
+        for q, a in zip(msgs, msgs[1:]):
+            if q["role"] == "user" and a["role"] == "assistant":
+                answers.setdefault(a["content"], []).append(q["content"])
+    for s in range(21):
+        for a in range(s + 1):
+            b = s - a
+            for fact, x, y in ((f"{a}加{b}等于{s}。", a, b), (f"{a} plus {b} equals {s}.", a, b),
+                               (f"{s}减{a}等于{b}。", s, a), (f"{s} minus {a} equals {b}.", s, a)):
+                asked = answers.get(fact, [])
+                assert len(asked) >= gen.ARITH_TABLE_COPIES, (fact, len(asked))
+                assert all(str(x) in q and str(y) in q for q in asked), (fact, asked[:3])
+
+
 @pytest.mark.parametrize("name", ["eval_identity", "eval_medical"])
 def test_eval_prompts_are_held_out(name):
     held_out = users(load(name))
