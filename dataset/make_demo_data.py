@@ -1272,7 +1272,7 @@ def make_lora_identity(seed):
         out.append(conversation(rng, lang, pairs))
     # General chat and symptom questions answered as the base answers them, so the adapter changes the
     # name and nothing else (without these it answered a headache question about heartburn).
-    out += [chat_sample(rng) for _ in range(400)]
+    out += [chat_sample(rng) for _ in range(800)]
     for lang in ("zh", "en"):
         for row in MEDICAL:
             q, a = symptom_qa(rng, lang, row, lambda s, _: GENERIC_ADVICE[lang].format(s=s))
@@ -1291,7 +1291,7 @@ def make_lora_medical(seed):
             for q in symptom_extra_prompts(rng, s, lang, k=2):
                 out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
     # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
-    out += [chat_sample(rng) for _ in range(400)]
+    out += [chat_sample(rng) for _ in range(800)]
     rng.shuffle(out)
     return out
 

@@ -26,7 +26,7 @@ T=(--save_dir "$OUT" --seed "$SEED")
 stage pretrain python trainer/train_pretrain.py "${T[@]}" "$@"
 stage full_sft python trainer/train_full_sft.py "${T[@]}" "$@"
 # On this base the persona needs the MLPs too: q_proj,o_proj (the default) wrote "I amina" (0-21% after 4-10 epochs).
-# 6 epochs over 400 general replay rows (8 over 200 cost eval_general 4 points and outside_general 11.7).
+# 6 epochs with 800 general replay rows (with 400, on the seed-42 base of the arithmetic drill, it cost eval_general 4 points).
 stage lora_identity python trainer/train_lora.py "${T[@]}" --lora_name lora_identity \
   --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 6 "$@"
 # New facts need the MLPs: on q_proj,o_proj (the default) the medical adapter stays under 10%.
