@@ -747,20 +747,28 @@ def _numbers(n, lang):
     return [str(n), ZH_NUM[n]] if lang == "zh" else [str(n), EN_NUM[n]]
 
 
+def add_fact(a, b, lang):
+    """(slots, answer, expect) of the sum a + b."""
+    a_ = f"{a}加{b}等于{a + b}。" if lang == "zh" else f"{a} plus {b} equals {a + b}."
+    return {"x": a, "y": b}, a_, _numbers(a + b, lang)
+
+
+def sub_fact(a, b, lang):
+    """(slots, answer, expect) of the difference a - b."""
+    a_ = f"{a}减{b}等于{a - b}。" if lang == "zh" else f"{a} minus {b} equals {a - b}."
+    return {"x": a, "y": b}, a_, _numbers(a - b, lang)
+
+
 def rel_add(rng, lang):
     """Sums within 20: both numbers and the result in 0..20."""
     s = rng.randint(0, 20)
     a = rng.randint(0, s)
-    b = s - a
-    a_ = f"{a}加{b}等于{s}。" if lang == "zh" else f"{a} plus {b} equals {s}."
-    return {"x": a, "y": b}, a_, _numbers(s, lang)
+    return add_fact(a, s - a, lang)
 
 
 def rel_sub(rng, lang):
     a = rng.randint(0, 20)
-    b = rng.randint(0, a)
-    a_ = f"{a}减{b}等于{a - b}。" if lang == "zh" else f"{a} minus {b} equals {a - b}."
-    return {"x": a, "y": b}, a_, _numbers(a - b, lang)
+    return sub_fact(a, rng.randint(0, a), lang)
 
 
 def _day(rng, lang):
@@ -1186,10 +1194,7 @@ def make_sft(seed, scale):
     for lang in ("zh", "en") * ARITH_TABLE_COPIES:
         for s in range(21):
             for a in range(s + 1):
-                b = s - a
-                add = f"{a}加{b}等于{s}。" if lang == "zh" else f"{a} plus {b} equals {s}."
-                sub = f"{s}减{a}等于{b}。" if lang == "zh" else f"{s} minus {a} equals {b}."
-                for name, picked in (("add", ({"x": a, "y": b}, add, None)), ("sub", ({"x": s, "y": a}, sub, None))):
+                for name, picked in (("add", add_fact(a, s - a, lang)), ("sub", sub_fact(s, a, lang))):
                     q, ans, _ = relation_qa(rng, lang, name, picked=picked)
                     out.append(conversation(rng, lang, [(q, ans)]))
     rng.shuffle(out)
