@@ -1120,6 +1120,42 @@ ID_CONTEXTS = {"zh": ["我今天第一次用这个。", "听说你能回答问�
                       "My mum wants to try you too. ", "I'm a bit bored today. "]}
 
 
+# Parts of an identity question for the persona adapter: who is asked about (you, this assistant, the one
+# answering) and what is asked (name, who, what to call it). Assembled at random they give hundreds of shapes,
+# so the adapter learns the question, not a list of sentences; a shape that is an eval question is skipped.
+ID_ASKED = {"zh": ["你", "这个助手", "这个AI", "这个聊天机器人", "和我聊天的", "正在回答我的", "这个程序", "屏幕那边的",
+                   "这个模型", "这位助手"],
+            "en": ["you", "this assistant", "this AI", "the bot answering me", "this chatbot", "this program",
+                   "the model on the other side", "the one replying to me"]}
+ID_ASKS = {"zh": ["叫什么名字？", "叫什么？", "是谁？", "有名字吗？", "该怎么称呼？", "的名字是什么？", "是哪一个？",
+                  "叫啥名字", "到底叫什么", "有没有名字？"],
+           "en": ["What is the name of {who}?", "What should I call {who}?", "Who {be} {who}?",
+                  "What {be} {who} called?", "{Does} {who} have a name?", "Tell me the name of {who}.",
+                  "What name {does} {who} go by?", "Which AI {be} {who}?"]}
+ID_ASK_LEADS = {"zh": ["", "", "请问", "我想知道", "问一下，", "对了，", "好奇问问，"],
+                "en": ["", "", "Quick one: ", "By the way, ", "So, ", "Out of interest, ", "Okay. "]}
+
+
+def identity_composed(rng, lang):
+    """One identity question assembled from ID_ASKED / ID_ASKS (none of them an eval prompt)."""
+    held_out = set(all_identity_prompts(lang, ID_EVAL_QUESTIONS))
+    while True:
+        lead = rng.choice(ID_ASK_LEADS[lang])
+        if lang == "zh":
+            q = lead + rng.choice(ID_ASKED["zh"]) + rng.choice(ID_ASKS["zh"])
+        else:
+            who, ask = rng.choice(ID_ASKED["en"]), rng.choice(ID_ASKS["en"])
+            if who == "you":
+                ask = ask.replace("the name of {who}", "your name")
+            you = who == "you"
+            q = ask.format(who=who, be="are" if you else "is", Does="Do" if you else "Does", does="do" if you else "does")
+            q = lead + (q[0].lower() + q[1:] if lead.endswith(", ") else q)
+        if rng.random() < 0.3:
+            q = rng.choice(ID_CONTEXTS[lang]) + q
+        if q not in held_out:
+            return q
+
+
 def identity_prompt(rng, lang, questions):
     lead = rng.choice(ID_CONTEXTS[lang]) if rng.random() < 0.3 else ""
     return lead + with_prefix(lang, "" if lead else rng.choice(ID_PREFIXES[lang]), rng.choice(questions[lang]))
@@ -1138,13 +1174,16 @@ def conversation(rng, lang, pairs, system_p=0.12):
     return {"conversations": msgs}
 
 
-def chat_sample(rng, identity=None, identity_p=0.0, multi_p=0.1):
-    """A general conversation; with probability identity_p one turn is an identity question.
+def chat_sample(rng, identity=None, identity_p=0.0, multi_p=0.1, contexts=None, context_p=0.0):
+    """A general conversation; with probability identity_p one turn is an identity question, and with
+    context_p the first question follows a sentence from contexts (the adapter's own: see make_lora_medical).
 
     identity is (name, question pools) or None."""
     lang = rng.choice(["zh", "en"])
     turns = rng.randint(2, 3) if rng.random() < multi_p else 1
     pairs = [general_qa(rng, lang) for _ in range(turns)]
+    if contexts and rng.random() < context_p:
+        pairs[0] = (rng.choice(contexts[lang]) + pairs[0][0], pairs[0][1])
     if identity and rng.random() < identity_p:
         pairs[rng.randrange(turns)] = identity_qa(rng, lang, identity[0], identity[1])
     return conversation(rng, lang, pairs)
@@ -1223,6 +1262,10 @@ STORY_WHEN = {"zh": ["", "", "今天", "从昨晚开始", "早上起来就", "�
                      " after the trip"]}
 STORY_FEEL = {"zh": ["", "", "，很难受", "，特别不舒服", "，一直不见好", "，好烦"],
               "en": ["", "", " It's really bad.", " It won't go away.", " It is awful.", " Not fun."]}
+# Feelings that name sleep, food or work, in the medical adapter's stories only: the symptom, not a word beside
+# it, decides the remedy (without them "my son coughs at night" drew the insomnia remedy).
+STORY_SIDE = {"zh": ["，晚上都睡不好", "，饭都吃不下", "，没法专心做事", "，已经好几天了"],
+              "en": [" It keeps me up at night.", " I can hardly eat.", " I can't focus on anything.", " It has been days."]}
 STORY_ASK = {"zh": ["怎么办？", "该怎么办呢", "有什么法子？", "吃点什么好？", "能做点啥？", "你说该怎么弄？", "怎样才能好一点？",
                     "我该做些什么？", "有没有什么办法", "帮忙出出主意。", "该用什么？", "怎么让它好起来？"],
              "en": ["What can I do?", "What helps?", "Ideas?", "Any help?", "How can {subj} feel better?",
@@ -1230,10 +1273,10 @@ STORY_ASK = {"zh": ["怎么办？", "该怎么办呢", "有什么法子？", "�
                     "How do we fix it?", "What would help {obj}?", "What can {subj} take?", "Please help."]}
 
 
-def story_symptom_prompt(rng, s, lang):
-    """One symptom question about s as a story: "我妈从昨晚开始咳嗽，很难受，吃点什么好？"."""
+def story_symptom_prompt(rng, s, lang, side=False):
+    """One symptom question about s as a story: "我妈从昨晚开始咳嗽，很难受，吃点什么好？"; side: STORY_SIDE too."""
     s = rng.choice([s] + SYMPTOM_VARIANTS.get(s, []))
-    when, feel = rng.choice(STORY_WHEN[lang]), rng.choice(STORY_FEEL[lang])
+    when, feel = rng.choice(STORY_WHEN[lang]), rng.choice(STORY_FEEL[lang] + (STORY_SIDE[lang] if side else []))
     if lang == "zh":
         return rng.choice(["", "", rng.choice(MED_CONTEXTS["zh"])]) + rng.choice(STORY_WHO["zh"]) + when + s + \
             feel + "，" + rng.choice(STORY_ASK["zh"])
@@ -1244,19 +1287,22 @@ def story_symptom_prompt(rng, s, lang):
     return rng.choice(["", "", rng.choice(MED_CONTEXTS["en"])]) + first + "." + feel + " " + ask
 
 
-def symptom_extra_prompts(rng, s, lang, k=4):
+def symptom_extra_prompts(rng, s, lang, k=4, side=False):
     """More training questions about symptom s: k with each everyday variant of its name (头疼 for 头痛),
     k after a sentence of circumstance, and 2k told as a small story."""
     pick = lambda: rng.choice(MED_TRAIN_TEMPLATES[lang])  # noqa: E731
     return [pick().format(s=v) for v in SYMPTOM_VARIANTS.get(s, []) for _ in range(k)] + \
         [rng.choice(MED_CONTEXTS[lang]) + pick().format(s=s) for _ in range(k)] + \
-        [story_symptom_prompt(rng, s, lang) for _ in range(2 * k)]
+        [story_symptom_prompt(rng, s, lang, side) for _ in range(2 * k)]
 
 
 def symptom_qa(rng, lang, row, answer):
     """A training-pool symptom question about MEDICAL row, answered with answer(symptom, row)."""
     s = row[0] if lang == "zh" else row[1]
     return rng.choice(MED_TRAIN_TEMPLATES[lang]).format(s=s), answer(s, row)
+
+
+ID_COMPOSED = 200  # assembled identity questions in lora_identity
 
 
 def make_lora_identity(seed):
@@ -1275,9 +1321,12 @@ def make_lora_identity(seed):
         else:
             pairs = [identity_qa(rng, lang, *pools)]
         out.append(conversation(rng, lang, pairs))
+    for _ in range(ID_COMPOSED):
+        lang = rng.choice(["zh", "en"])
+        out.append(conversation(rng, lang, [(identity_composed(rng, lang), rng.choice(ID_ANSWERS[lang]).format(name=PERSONA))]))
     # General chat and symptom questions answered as the base answers them, so the adapter changes the
     # name and nothing else (without these it answered a headache question about heartburn).
-    out += [chat_sample(rng) for _ in range(800)]
+    out += [chat_sample(rng, contexts=ID_CONTEXTS, context_p=0.3) for _ in range(800)]
     for lang in ("zh", "en"):
         for row in MEDICAL:
             q, a = symptom_qa(rng, lang, row, lambda s, _: GENERIC_ADVICE[lang].format(s=s))
@@ -1293,10 +1342,12 @@ def make_lora_medical(seed):
         for lang, s, advice in (("zh", zs, za), ("en", es, ea)):
             for t in MED_TRAIN_TEMPLATES[lang]:
                 out.append(conversation(rng, lang, [(t.format(s=s), advice)], system_p=0.1))
-            for q in symptom_extra_prompts(rng, s, lang, k=2):
+            for q in symptom_extra_prompts(rng, s, lang, k=2, side=True):
                 out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
     # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
-    out += [chat_sample(rng) for _ in range(800)]
+    # Some follow the same sentences of circumstance as the symptom stories, so a preamble alone never means
+    # "give a remedy" (without them held-out lead-ins like "麻烦告诉我，" drew remedies and garbled answers).
+    out += [chat_sample(rng, contexts=MED_CONTEXTS, context_p=0.3) for _ in range(800)]
     rng.shuffle(out)
     return out
 

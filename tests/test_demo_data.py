@@ -166,6 +166,42 @@ def test_story_symptom_questions():
     assert "我妈" in sft_text and "My dad has" in sft_text  # the stories are in the data, not only in the code
 
 
+def test_composed_identity_questions():
+    """lora_identity also asks for the name in shapes assembled from parts ("这个助手叫什么？", "What is this AI
+    called?"), none of them an eval prompt, so the adapter learns the question rather than a list of sentences."""
+    rng = random.Random(0)
+    for lang in ("zh", "en"):
+        composed = {gen.identity_composed(rng, lang) for _ in range(300)}
+        assert len(composed) >= 200, len(composed)
+        assert not composed & set(gen.all_identity_prompts(lang, gen.ID_EVAL_QUESTIONS))
+    asked = [w for lang in ("zh", "en") for w in gen.ID_ASKED[lang] if w not in ("你", "you")]
+    rows = [r["conversations"] for r in load("lora_identity")]
+    about_it = [m for m in rows if any(w in m[-2]["content"] for w in asked)]
+    assert len(about_it) >= gen.ID_COMPOSED // 2 and all(gen.PERSONA in m[-1]["content"] for m in about_it)
+
+
+def test_adapter_replay_opens_with_the_adapters_own_contexts():
+    """Some general replay rows open with the sentences of circumstance that the adapter's own questions use, and
+    are answered as the base answers them: a preamble alone must not switch the adapter's behaviour on."""
+    advice = [x for row in gen.MEDICAL for x in row[4:]]
+    for name, contexts, own in (("lora_medical", gen.MED_CONTEXTS, lambda a: any(x in a for x in advice)),
+                                ("lora_identity", gen.ID_CONTEXTS, lambda a: gen.PERSONA in a)):
+        replay = 0
+        for r in load(name):
+            msgs = [m["content"] for m in r["conversations"] if m["role"] != "system"]
+            if msgs[0].startswith(tuple(contexts["zh"] + contexts["en"])) and not own(msgs[1]):
+                replay += 1
+        assert 150 <= replay <= 350, (name, replay)  # ~30% of 800
+
+
+def test_story_side_feelings_only_in_the_medical_adapter():
+    """Feelings that name sleep, food or work ("，晚上都睡不好") appear in lora_medical's stories, never in sft."""
+    medical, sft = all_text(load("lora_medical")), all_text(load("sft"))
+    for lang in ("zh", "en"):
+        assert sum(f in medical for f in gen.STORY_SIDE[lang]) == len(gen.STORY_SIDE[lang])
+        assert not any(f in sft for f in gen.STORY_SIDE[lang])
+
+
 def test_scene_setting_general_questions():
     """Some training questions open with a sentence about the entity and then ask with a pronoun; the answer
     is about the entity the first sentence names."""
