@@ -155,7 +155,7 @@ def test_story_symptom_questions():
     for zs, es, *_ in gen.MEDICAL:
         for lang, s in (("zh", zs), ("en", es)):
             names = [s] + gen.SYMPTOM_VARIANTS.get(s, [])
-            prompts = {gen.story_symptom_prompt(rng, s, lang) for _ in range(40)}
+            prompts = {gen.story_symptom_prompt(rng, s, lang, side=i % 2 == 1) for i in range(40)}
             assert len(prompts) >= 35, (s, len(prompts))  # assembled from parts, rarely the same twice
             for p in prompts:
                 assert any(n in p for n in names), p
