@@ -1145,9 +1145,9 @@ def identity_composed(rng, lang):
             q = lead + rng.choice(ID_ASKED["zh"]) + rng.choice(ID_ASKS["zh"])
         else:
             who, ask = rng.choice(ID_ASKED["en"]), rng.choice(ID_ASKS["en"])
-            if who == "you":
-                ask = ask.replace("the name of {who}", "your name")
             you = who == "you"
+            if you:
+                ask = ask.replace("the name of {who}", "your name")
             q = ask.format(who=who, be="are" if you else "is", Does="Do" if you else "Does", does="do" if you else "does")
             q = lead + (q[0].lower() + q[1:] if lead.endswith(", ") else q)
         if rng.random() < 0.3:
