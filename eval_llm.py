@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       "answer of each shape compiles; the compiled code is cached in {save_dir}/compile_cache between runs)")
     a("--eval", action="append", default=[], help="jsonl file(s) to score, comma-separated or repeated")
     a("--eval_limit", type=int, default=0, help="score the first N samples of each file (0: all)")
-    a("--batch_size", type=int, default=16, help="--eval batch size")
+    a("--batch_size", type=int, default=48, help="--eval batch size (48 against 16: 65 s against 98 s for the demo's eval, same replies)")
     a("--max_seq_len", type=int, default=512, help="--eval: samples are truncated to this many tokens")
     a("--json", action="store_true", help="--eval: print only the rows as a JSON list")
     a("--json_out", default=None, help="--eval: also write the rows as JSON to this file")
@@ -399,7 +399,8 @@ def read_eval_file(path: str, tok, args) -> EvalFile:
         expects.append(record["expect"])
         mentions.append(record.get("mention"))
     # The loss batches go in length order: little padding (half the time on eval_pretrain's 300 texts).
-    by_length = sorted(range(n), key=lambda i: len(dataset[i][0]))
+    lengths = dataset.token_lengths()
+    by_length = sorted(range(n), key=lambda i: lengths[i])
     return EvalFile(path, Subset(dataset, by_length), prompts, expects, mentions, is_text)
 
 

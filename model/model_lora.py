@@ -41,6 +41,27 @@ def lora_scale(alpha: float, rank: int, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
+class LoRADropout(nn.Module):
+    """Inverted dropout, as nn.Dropout, with the mask cut from 64-bit random draws, four 16-bit numbers each:
+    torch's CPU generator makes one draw per element, and nn.Dropout took a third of a LoRA step on the demo
+    (47 s against 30 s for 150 steps). p is rounded to a multiple of 1/65536."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0 <= p < 1:
+            raise LoRAError(f"LoRA dropout must be in [0, 1), got {p}")
+        self.p, dropped = p, round(p * 65536)
+        self.threshold, self.keep_scale = dropped - 32768, 65536 / (65536 - dropped)  # keep an int16 >= threshold
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        n = x.numel()
+        draws = torch.randint(-2 ** 63, 2 ** 63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        keep = draws.view(torch.int16)[:n].view(x.shape) >= self.threshold
+        return x * keep * self.keep_scale
+
+
 class LoRA(nn.Module):
     """One adapter: x -> scale * B(A(dropout(x))), with A: in -> r and B: r -> out."""
 
@@ -53,7 +74,7 @@ class LoRA(nn.Module):
         self.set_scale(alpha, use_rslora)
         self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.B = nn.Linear(rank, out_features, bias=False, device=device, dtype=dtype)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         # A != 0: B's gradient is (dL/dy) (Ax)^T, so A must be nonzero or B (and then A) never moves.
         nn.init.kaiming_uniform_(self.A.weight, a=math.sqrt(5))  # PEFT's choice
         # B = 0: B @ A = 0, so training starts exactly at the base model.

@@ -50,6 +50,10 @@ class Tokenizer:
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
 
+    def count_tokens(self, texts):
+        """Token count of each text (as encode(text) would give), encoded as one batch across the CPU's cores."""
+        return [len(e.ids) for e in self.backend.encode_batch(list(texts), add_special_tokens=False)]
+
     def encode_with_offsets(self, text):
         """(ids, [(start, end) character span of each token in text])."""
         encoding = self.backend.encode(text, add_special_tokens=False)

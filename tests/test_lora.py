@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.checkpoint import hf_config_dict, safe_torch_load
-from model.model_lora import (CONFIG_KEY, PROJECTIONS, LoRA, LoRAError, LoRALinear, active_adapter, adapter_stats,
+from model.model_lora import (CONFIG_KEY, PROJECTIONS, LoRA, LoRADropout, LoRAError, LoRALinear, active_adapter, adapter_stats,
                               apply_lora, disable_adapters, list_adapters, load_lora, load_lora_state_dict,
                               lora_layers, lora_parameters, lora_state_dict, merge_lora, save_lora, set_adapter,
                               trainable_summary, unload_lora, unmerge_lora)
@@ -151,6 +151,28 @@ def test_dropout_only_on_the_lora_branch():
     assert not torch.allclose(first, second)  # the branch is randomised
     layer.eval()
     torch.testing.assert_close(layer(x), base + 2 * (x @ lora.A.weight.T @ lora.B.weight.T), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_lora_dropout_keeps_1_minus_p_scaled_up_and_independently(p):
+    drop = LoRADropout(p)
+    torch.manual_seed(3)
+    x = torch.ones(2_000_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=2e-3)
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / (1 - p), rel=1e-4)]
+    assert y.mean().item() == pytest.approx(1.0, abs=5e-3)  # inverted dropout: the expectation is unchanged
+    # Neighbours come from the same 64-bit draw: their masks must still be independent.
+    assert (kept[:-1] & kept[1:]).float().mean().item() == pytest.approx((1 - p) ** 2, abs=2e-3)
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient passes where kept, scaled the same way
+    torch.manual_seed(3)
+    assert torch.equal(drop(x), y)  # seeded like the rest of training
+    drop.eval()
+    assert drop(x) is x
+    with pytest.raises(LoRAError, match=r"LoRA dropout must be in \[0, 1\), got 1.0"):
+        LoRADropout(1.0)
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
