@@ -80,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "answer of each shape compiles; the compiled code is cached in {save_dir}/compile_cache between runs)")
     a("--eval", action="append", default=[], help="jsonl file(s) to score, comma-separated or repeated")
     a("--eval_limit", type=int, default=0, help="score the first N samples of each file (0: all)")
-    a("--batch_size", type=int, default=48, help="--eval batch size (48 against 16: 65 s against 98 s for the demo's eval, same replies)")
+    a("--batch_size", type=int, default=48,
+      help="--eval batch size (48 against 16: the demo's eval in 65 s against 98 s, the same replies)")
     a("--max_seq_len", type=int, default=512, help="--eval: samples are truncated to this many tokens")
     a("--json", action="store_true", help="--eval: print only the rows as a JSON list")
     a("--json_out", default=None, help="--eval: also write the rows as JSON to this file")

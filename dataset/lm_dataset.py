@@ -222,8 +222,9 @@ class LengthGroupedBatchSampler:
     """Shuffled batches of similar length, which cuts padding. The length is the line's bytes (free, from the
     index) unless `lengths` is given: the training loop keeps bytes because grouping by token_lengths (2% pads
     against 19% in the demo's pretraining) trained bases that answered eval_general 85.0% / 83.0% against
-    90.5% / 90.5% (one thread, seeds 42 / 1); see the README's recipes that were not kept. Deterministic given seed and epoch; with world_size > 1 each rank takes every world_size-th
-    batch of the same list (equal counts per rank, so DDP never waits on a missing batch)."""
+    90.5% / 90.5% (one thread, seeds 42 / 1); see the README's recipes that were not kept.
+    Deterministic given seed and epoch; with world_size > 1 each rank takes every world_size-th batch of the
+    same list (equal counts per rank, so DDP never waits on a missing batch)."""
 
     def __init__(self, dataset, batch_size, seed=0, group_size=64, rank=0, world_size=1, lengths=None):
         self.lengths = dataset.line_bytes if lengths is None else np.asarray(lengths)

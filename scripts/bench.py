@@ -12,6 +12,7 @@ transformers and peft are imported lazily, by `ecosystem` only.
 """
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import math
