@@ -1287,13 +1287,13 @@ def story_symptom_prompt(rng, s, lang, side=False):
     return rng.choice(["", "", rng.choice(MED_CONTEXTS["en"])]) + first + "." + feel + " " + ask
 
 
-def symptom_extra_prompts(rng, s, lang, k=4, side=False):
+def symptom_extra_prompts(rng, s, lang, k=4, side=False, stories=None):
     """More training questions about symptom s: k with each everyday variant of its name (头疼 for 头痛),
-    k after a sentence of circumstance, and 2k told as a small story."""
+    k after a sentence of circumstance, and `stories` (default 2k) told as a small story."""
     pick = lambda: rng.choice(MED_TRAIN_TEMPLATES[lang])  # noqa: E731
     return [pick().format(s=v) for v in SYMPTOM_VARIANTS.get(s, []) for _ in range(k)] + \
         [rng.choice(MED_CONTEXTS[lang]) + pick().format(s=s) for _ in range(k)] + \
-        [story_symptom_prompt(rng, s, lang, side) for _ in range(2 * k)]
+        [story_symptom_prompt(rng, s, lang, side) for _ in range(2 * k if stories is None else stories)]
 
 
 def symptom_qa(rng, lang, row, answer):
@@ -1335,19 +1335,25 @@ def make_lora_identity(seed):
     return out
 
 
+# Per symptom and language in lora_medical: this many of the 16 training templates, and this many stories.
+# Half the templates and twice the stories of an earlier recipe lifted the hand-written prompts on four bases.
+MED_ADAPTER_TEMPLATES, MED_ADAPTER_STORIES = 8, 8
+MED_ADAPTER_REPLAY = 1000  # general conversations in lora_medical
+
+
 def make_lora_medical(seed):
     rng = random.Random(f"{seed}:lora_medical")
     out = []
     for zs, es, zk, ek, za, ea in MEDICAL:
         for lang, s, advice in (("zh", zs, za), ("en", es, ea)):
-            for t in MED_TRAIN_TEMPLATES[lang]:
+            for t in rng.sample(MED_TRAIN_TEMPLATES[lang], MED_ADAPTER_TEMPLATES):
                 out.append(conversation(rng, lang, [(t.format(s=s), advice)], system_p=0.1))
-            for q in symptom_extra_prompts(rng, s, lang, k=2, side=True):
+            for q in symptom_extra_prompts(rng, s, lang, k=2, side=True, stories=MED_ADAPTER_STORIES):
                 out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
     # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
     # Some follow the same sentences of circumstance as the symptom stories, so a preamble alone never means
     # "give a remedy" (without them held-out lead-ins like "麻烦告诉我，" drew remedies and garbled answers).
-    out += [chat_sample(rng, contexts=MED_CONTEXTS, context_p=0.3) for _ in range(800)]
+    out += [chat_sample(rng, contexts=MED_CONTEXTS, context_p=0.3) for _ in range(MED_ADAPTER_REPLAY)]
     rng.shuffle(out)
     return out
 
