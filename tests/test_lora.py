@@ -8,8 +8,8 @@ from torch import nn
 from model.checkpoint import hf_config_dict, safe_torch_load
 from model.model_lora import (CONFIG_KEY, PROJECTIONS, LoRA, LoRADropout, LoRAError, LoRALinear, active_adapter,
                               adapter_stats, apply_lora, disable_adapters, list_adapters, load_lora,
-                              load_lora_state_dict, lora_layers, lora_parameters, lora_state_dict, merge_lora, save_lora, set_adapter,
-                              trainable_summary, unload_lora, unmerge_lora)
+                              load_lora_state_dict, lora_layers, lora_parameters, lora_state_dict, merge_lora,
+                              save_lora, set_adapter, trainable_summary, unload_lora, unmerge_lora)
 from model.model_minimind import MiniMindForCausalLM
 from tests.conftest import tiny_config
 
