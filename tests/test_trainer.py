@@ -56,6 +56,23 @@ def test_pretrain_then_full_sft(tmp_path, data, capsys):
     assert all(torch.isfinite(v).all() for v in sft.values())
 
 
+def test_intermediate_size_flag(tmp_path, data, capsys):
+    """--intermediate_size sets the MLP width of a fresh model; later stages read it from the sidecar config."""
+    out = tmp_path / "out"
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(out), "--data_path", str(data["pretrain"]),
+                                                 "--max_steps", "2", "--intermediate_size", "96"], capsys)
+    assert code == 0, log
+    assert json.loads((out / "pretrain_64.json").read_text())["intermediate_size"] == 96
+    assert safe_torch_load(out / "pretrain_64.pth")["model.layers.0.mlp.up_proj.weight"].shape == (96, 64)
+    code, log, err = run(train_full_sft.main, TINY + ["--save_dir", str(out), "--data_path", str(data["sft"]),
+                                                 "--max_steps", "2"], capsys)
+    assert code == 0, log
+    assert safe_torch_load(out / "full_sft_64.pth")["model.layers.1.mlp.down_proj.weight"].shape == (64, 96)
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(out), "--data_path", str(data["pretrain"]),
+                                                 "--intermediate_size", "0"], capsys)
+    assert code == 2 and "--intermediate_size 0: the MLP width must be at least 1" in log and "Traceback" not in log
+
+
 def test_loss_decreases_on_repeated_data(tmp_path, data, capsys):
     code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
                                                  "--epochs", "6", "--learning_rate", "3e-3"], capsys)

@@ -67,6 +67,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--num_hidden_layers", type=int, default=4)
     a("--num_attention_heads", type=int, default=8)
     a("--num_key_value_heads", type=int, default=4)
+    a("--intermediate_size", type=int, default=None, help="MLP width (default: ceil(hidden_size * pi / 64) * 64)")
     a("--max_seq_len", type=int, default=256)
     a("--from_weight", default=defaults.pop("from_weight"), help="base weights to start from ('none': random)")
     a("--from_resume", type=int, default=0, choices=[0, 1], help="1: continue from the last resume checkpoint")
@@ -131,9 +132,12 @@ def weight_path(save_dir, name: str, hidden_size: int) -> Path:
 
 
 def model_config(args) -> MiniMindConfig:
+    if args.intermediate_size is not None and args.intermediate_size < 1:
+        raise TrainError(f"--intermediate_size {args.intermediate_size}: the MLP width must be at least 1")
     return MiniMindConfig(hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
                           num_attention_heads=args.num_attention_heads,
-                          num_key_value_heads=args.num_key_value_heads)
+                          num_key_value_heads=args.num_key_value_heads,
+                          intermediate_size=args.intermediate_size)
 
 
 MAKES = {"pretrain": "python trainer/train_pretrain.py", "full_sft": "python trainer/train_full_sft.py"}
