@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.lm_dataset import (DEMO_DIR, IGNORE_INDEX, DataError, LengthGroupedBatchSampler, PadCollator,
-                                PretrainDataset, SFTDataset, pad_fraction)
+from dataset.lm_dataset import (DEMO_DIR, IGNORE_INDEX, DataError, LengthGroupedBatchSampler, PackedDataset,
+                                PadCollator, PretrainDataset, SFTDataset, pad_fraction)
 from model.tokenizer import Tokenizer
 from tests.test_tokenizer import train_tiny_tokenizer
 
@@ -73,6 +73,29 @@ def test_pretrain_item_and_truncation(tok, tmp_path):
     input_ids, _ = ds[1]
     assert len(input_ids) == 64 and input_ids[0] == 1 and input_ids[-1] != 2
     assert input_ids[1:].tolist() == tok.encode(long_text)[:63]
+
+
+def test_packed_rows_are_the_shuffled_documents_end_to_end(tok, tmp_path):
+    texts = [f"doc {i} " + "MiniMind 训练 " * (i % 7) for i in range(40)] + ["long " * 300]
+    docs = PretrainDataset(write_jsonl(tmp_path / "p.jsonl", [{"text": t} for t in texts]), tok, max_length=1 << 30)
+    packed = PackedDataset(docs, max_length=32, seed=5)
+    whole = [[1] + tok.encode(t) + [2] for t in texts]
+    total = sum(map(len, whole))
+    assert len(whole[-1]) > 32 and len(packed) == total // 32
+    streams = []
+    for epoch in (0, 1):
+        packed.set_epoch(epoch)
+        rows = [packed[k] for k in range(len(packed))]
+        assert all(len(ids) == 32 and torch.equal(ids, labels) for ids, labels in rows)
+        stream = torch.cat([ids for ids, _ in rows]).tolist()
+        assert stream == [t for i in packed.order for t in whole[i]][: len(stream)]  # the long text stays whole
+        assert sorted(packed.order.tolist()) == list(range(len(texts)))
+        streams.append(stream)
+    assert streams[0] != streams[1]  # each epoch its own order
+    packed.set_epoch(0)
+    assert torch.cat([packed[k][0] for k in range(len(packed))]).tolist() == streams[0]  # and the same again
+    with pytest.raises(DataError, match=r"fewer than one packed row of --max_seq_len 100000; lower --max_seq_len"):
+        PackedDataset(docs, max_length=100_000)
 
 
 def test_pad_collator(tok):

@@ -73,6 +73,19 @@ def test_intermediate_size_flag(tmp_path, data, capsys):
     assert code == 2 and "--intermediate_size 0: the MLP width must be at least 1" in log and "Traceback" not in log
 
 
+def test_pack_flag(tmp_path, data, capsys):
+    """--pack 1 trains on full rows of packed text; only the pretraining trainer has the flag."""
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
+                                                 "--pack", "1", "--max_steps", "3"], capsys)
+    assert code == 0, log
+    ckpt = safe_torch_load(tmp_path / "checkpoints" / "pretrain_64_resume.pth")
+    assert "packed rows of 64 tokens" in log and ckpt["step"] == 3
+    assert ckpt["tokens_seen"] == 3 * 4 * 64  # no pads: every row is 64 real tokens
+    with pytest.raises(SystemExit):
+        train_full_sft.main(TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["sft"]), "--pack", "1"])
+    assert "unrecognized arguments: --pack 1" in capsys.readouterr().err
+
+
 def test_loss_decreases_on_repeated_data(tmp_path, data, capsys):
     code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
                                                  "--epochs", "6", "--learning_rate", "3e-3"], capsys)

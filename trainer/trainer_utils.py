@@ -31,7 +31,7 @@ if str(REPO_ROOT) not in sys.path:  # scripts run as `python trainer/train_x.py`
 from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, load_state_dict_strict,  # noqa: E402
                               safe_torch_load, save_model, unwrap)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from dataset.lm_dataset import DataError, LengthGroupedBatchSampler, PadCollator  # noqa: E402
+from dataset.lm_dataset import DataError, LengthGroupedBatchSampler, PackedDataset, PadCollator  # noqa: E402
 
 DEMO_DIR = REPO_ROOT / "dataset" / "demo"
 
@@ -79,7 +79,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--skip_bad_lines", action="store_true", help="skip and count malformed data lines instead of stopping")
     a("--group_by_length", type=int, default=1, choices=[0, 1],
       help="1: batch samples of similar length together (less padding); 0: plain random batches")
-    p.set_defaults(**defaults)
+    p.set_defaults(pack=0, **defaults)  # --pack is train_pretrain's own flag; the other trainers never pack
     return p
 
 
@@ -221,9 +221,11 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0,
                                   fused=rt.device.type == "cuda")
     # group_size 1 is a plain shuffle: each batch is a random chunk of the permutation.
+    packed = isinstance(dataset, PackedDataset)  # rows all max_seq_len long: a plain shuffle, nothing to group
     sampler = LengthGroupedBatchSampler(dataset, args.batch_size, seed=args.seed,
-                                        group_size=64 if args.group_by_length else 1,
-                                        rank=rt.rank, world_size=rt.world_size)
+                                        group_size=64 if args.group_by_length and not packed else 1,
+                                        rank=rt.rank, world_size=rt.world_size,
+                                        lengths=np.full(len(dataset), args.max_seq_len) if packed else None)
     batches_per_epoch = len(sampler)
     steps_per_epoch = batches_per_epoch // args.accumulation_steps
     total_steps = steps_per_epoch * args.epochs
@@ -273,6 +275,8 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     try:
         while state.step < total_steps and state.epoch < args.epochs:
             sampler.set_epoch(state.epoch)
+            if packed:
+                dataset.set_epoch(state.epoch)
             loader = DataLoader(dataset, batch_sampler=list(sampler)[state.batches_in_epoch:], collate_fn=collate,
                                 num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
             group = []
@@ -522,10 +526,13 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
                          f"predict); raise --max_seq_len")
     rt = setup_runtime(args)
     tokenizer = Tokenizer()
-    dataset = dataset_cls(args.data_path, tokenizer, args.max_seq_len, skip_bad_lines=args.skip_bad_lines)
+    doc_length = 1 << 30 if args.pack else args.max_seq_len  # packed texts stay whole; rows are cut at max_seq_len
+    dataset = dataset_cls(args.data_path, tokenizer, doc_length, skip_bad_lines=args.skip_bad_lines)
     if args.skip_bad_lines and dataset.n_skipped and rt.is_main:
         print(f"{args.data_path}: skipped {dataset.n_skipped} malformed lines")
     dataset.check_targets()
+    if args.pack:
+        dataset = PackedDataset(dataset, args.max_seq_len, seed=args.seed)
     eval_dataset = dataset_cls(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
     if eval_dataset is not None:
         eval_dataset.check_targets()
@@ -535,7 +542,8 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
     if rt.is_main:
         n_train = sum(p.numel() for p in trainable)
         print(f"{args.save_weight}: {model.num_parameters() / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-              f"({100 * n_train / model.num_parameters():.2f}%), {len(dataset)} samples, device {rt.device}"
+              f"({100 * n_train / model.num_parameters():.2f}%), {len(dataset)} "
+              + (f"packed rows of {args.max_seq_len} tokens" if args.pack else "samples") + f", device {rt.device}"
               + (f", {rt.world_size} processes" if rt.world_size > 1 else ""))
     t0 = time.time()
     state = train(args, rt, model, dataset, collate, trainable=trainable, save=save,
