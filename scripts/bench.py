@@ -339,17 +339,29 @@ def bench_batching(args):
             for b in batches:
                 train_step(model, optimizer, b["input_ids"].to(dev), b["labels"].to(dev))
 
-        for b in (ours[0], theirs[0]):  # warm up both shapes once
-            train_step(model, optimizer, b["input_ids"].to(dev), b["labels"].to(dev))
-        t = interleaved({"ours": lambda: epoch(ours), "theirs": lambda: epoch(theirs)}, args.repeats, dev, warmup=0)
+        variants = {"ours": ours, "theirs": theirs}
+        if name == "pretrain":  # --pack 1: the same texts end to end in rows of max_len, half as many rows per batch
+            stream = torch.cat([samples[i][0] for i in chosen])
+            packed_rows = stream[: len(stream) // max_len * max_len].view(-1, max_len)
+            variants["packed"] = [{"input_ids": r, "labels": r} for r in packed_rows.split(max(1, batch // 2))]
+        for b in variants.values():  # warm up every shape once
+            train_step(model, optimizer, b[0]["input_ids"].to(dev), b[0]["labels"].to(dev))
+        t = interleaved({k: (lambda v=v: epoch(v)) for k, v in variants.items()}, args.repeats, dev, warmup=0)
         lo, mid, hi = spread([1 / x for x in t["ours"]], [1 / x for x in t["theirs"]])
-        for label, batches, ts in (("ours: length-grouped, pad to longest", ours, t["ours"]),
-                                   (f"MiniMind: random, pad to {max_len}", theirs, t["theirs"])):
+        labels = {"ours": "ours: length-grouped, pad to longest", "theirs": f"MiniMind: random, pad to {max_len}",
+                  "packed": f"--pack 1: rows of {max_len}, batch {max(1, batch // 2)}"}
+        for key, batches in variants.items():
             processed = sum(b["input_ids"].numel() for b in batches)
-            rows.append({"data": name, "batching": label, "samples": len(chosen), "useful tokens": useful,
-                         "pad %": 100 * (1 - useful / processed), "seconds": med(ts), "useful tokens/s": useful / med(ts)})
+            kept = useful if key != "packed" else processed  # the packed stream's tail that fills no row is dropped
+            rows.append({"data": name, "batching": labels[key], "samples": len(chosen), "useful tokens": kept,
+                         "pad %": 100 * (1 - kept / processed), "seconds": med(t[key]),
+                         "useful tokens/s": kept / med(t[key])})
         notes.append(f"ratio useful tokens/s ours/MiniMind on {name} (max_seq_len {max_len}): {mid:.2f}x "
                      f"(min {lo:.2f}, max {hi:.2f})" + (f"; target >= 1.5x: {verdict(mid >= 1.5)}" if name == "sft" else ""))
+        if "packed" in variants:
+            n_packed = sum(b["input_ids"].numel() for b in variants["packed"])
+            lo, mid, hi = spread([n_packed / x for x in t["packed"]], [useful / x for x in t["ours"]])
+            notes.append(f"ratio useful tokens/s packed/ours on pretrain: {mid:.2f}x (min {lo:.2f}, max {hi:.2f})")
         if not args.quick:
             # Where our grouping (by line bytes) stands between random batches and grouping by token count.
             all_len = [len(ds[i][0]) for i in range(len(ds))]
