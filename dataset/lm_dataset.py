@@ -152,7 +152,8 @@ class PackedDataset(Dataset):
     [eos], whole: give `documents` a max_length no text reaches), joins them into one stream and cuts it into rows
     of max_length tokens, so no step computes on padding (length-grouped batches of the demo's pretraining are 19%
     pads). A row may hold the end of one document and the start of the next; attention crosses the boundary, as in
-    GPT-2's pretraining. The stream's last partial row is dropped. Call set_epoch before each epoch (the trainer does)."""
+    GPT-2's pretraining. The stream's last partial row is dropped. Call set_epoch before each epoch (the trainer
+    does)."""
 
     def __init__(self, documents: PretrainDataset, max_length, seed=0):
         # Documents longer than a row are not cut at max_length: they run on into the next row.
