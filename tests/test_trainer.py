@@ -74,13 +74,18 @@ def test_intermediate_size_flag(tmp_path, data, capsys):
 
 
 def test_pack_flag(tmp_path, data, capsys):
-    """--pack 1 trains on full rows of packed text; only the pretraining trainer has the flag."""
+    """Pretraining packs by default (full rows of text); --pack 0 pads one text per row; SFT has no such flag."""
     code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
-                                                 "--pack", "1", "--max_steps", "3"], capsys)
+                                                 "--max_steps", "3"], capsys)
     assert code == 0, log
     ckpt = safe_torch_load(tmp_path / "checkpoints" / "pretrain_64_resume.pth")
     assert "packed rows of 64 tokens" in log and ckpt["step"] == 3
     assert ckpt["tokens_seen"] == 3 * 4 * 64  # no pads: every row is 64 real tokens
+    code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path / "p0"), "--data_path",
+                                                 str(data["pretrain"]), "--pack", "0", "--max_steps", "3"], capsys)
+    assert code == 0, log
+    ckpt = safe_torch_load(tmp_path / "p0" / "checkpoints" / "pretrain_64_resume.pth")
+    assert "packed" not in log and "samples" in log and 0 < ckpt["tokens_seen"] < 3 * 4 * 64  # short texts padded
     with pytest.raises(SystemExit):
         train_full_sft.main(TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["sft"]), "--pack", "1"])
     assert "unrecognized arguments: --pack 1" in capsys.readouterr().err
