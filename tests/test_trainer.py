@@ -168,15 +168,20 @@ def python(args, env_extra=None, **kw):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
-    common = TINY + ["--data_path", str(data["pretrain"]), "--epochs", "2", "--max_steps", "40",
-                     "--save_interval", "8"]  # 24 batches an epoch: the kill at step 16 is inside epoch 2
+    common = TINY + ["--data_path", str(data["pretrain"]), "--epochs", "2", "--max_steps", "56",
+                     "--save_interval", "8"]  # 172 packed rows, 43 batches an epoch: the kill at step 48 is in epoch 2
     full = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "a")] + common)
     assert full.returncode == 0, full.stderr
     script = tmp_path / "crash.py"
-    script.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), kill_step=16))
+    script.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), kill_step=48))
     crashed = python([str(script), "--save_dir", str(tmp_path / "b")] + common)
     assert crashed.returncode == -9
-    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["step"] == 16
+    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["epoch"] == 1  # 0-based
+    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["step"] == 48
+    unpacked = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1",
+                       "--pack", "0"] + common)
+    assert unpacked.returncode == 2 and "saved with --pack 1 --max_seq_len 64; resume with the same values" in \
+        unpacked.stderr, unpacked.stderr
     resumed = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1"] + common)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr

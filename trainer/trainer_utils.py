@@ -265,6 +265,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                            "tokens_seen": state.tokens_seen, "history": state.history,
                            "world_size": rt.world_size, "batch_size": args.batch_size,
                            "accumulation_steps": args.accumulation_steps, "rng": rng_state(),
+                           "pack": args.pack, "max_seq_len": args.max_seq_len,
                            "wandb_id": getattr(wandb_run, "id", None)}, resume_path)
         return path
 
@@ -437,6 +438,10 @@ def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state
     if not same:
         raise TrainError(f"{path}: saved with {ckpt['world_size']} processes x --batch_size {ckpt['batch_size']} x "
                          f"--accumulation_steps {ckpt['accumulation_steps']}; resume with the same values")
+    layout = (ckpt.get("pack", args.pack), ckpt.get("max_seq_len", args.max_seq_len))  # absent before 2026-11-28
+    if layout != (args.pack, args.max_seq_len):  # the saved data position counts rows of that layout
+        raise TrainError(f"{path}: saved with --pack {layout[0]} --max_seq_len {layout[1]}; resume with the same "
+                         f"values")
     try:
         load_trainable_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
