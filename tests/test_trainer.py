@@ -74,15 +74,15 @@ def test_intermediate_size_flag(tmp_path, data, capsys):
 
 
 def test_pack_flag(tmp_path, data, capsys):
-    """Pretraining packs by default (full rows of text); --pack 0 pads one text per row; SFT has no such flag."""
+    """--pack 1 trains on full rows of packed text; the default pads one text per row; SFT has no such flag."""
     code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
-                                                 "--max_steps", "3"], capsys)
+                                                 "--pack", "1", "--max_steps", "3"], capsys)
     assert code == 0, log
     ckpt = safe_torch_load(tmp_path / "checkpoints" / "pretrain_64_resume.pth")
     assert "packed rows of 64 tokens" in log and ckpt["step"] == 3
     assert ckpt["tokens_seen"] == 3 * 4 * 64  # no pads: every row is 64 real tokens
     code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path / "p0"), "--data_path",
-                                                 str(data["pretrain"]), "--pack", "0", "--max_steps", "3"], capsys)
+                                                 str(data["pretrain"]), "--max_steps", "3"], capsys)
     assert code == 0, log
     ckpt = safe_torch_load(tmp_path / "p0" / "checkpoints" / "pretrain_64_resume.pth")
     assert "packed" not in log and "samples" in log and 0 < ckpt["tokens_seen"] < 3 * 4 * 64  # short texts padded
@@ -168,20 +168,19 @@ def python(args, env_extra=None, **kw):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
-    common = TINY + ["--data_path", str(data["pretrain"]), "--epochs", "2", "--max_steps", "56",
-                     "--save_interval", "8"]  # 172 packed rows, 43 batches an epoch: the kill at step 48 is in epoch 2
+    common = TINY + ["--data_path", str(data["pretrain"]), "--epochs", "2", "--max_steps", "40",
+                     "--save_interval", "8"]  # 24 batches an epoch: the kill at step 16 is inside epoch 2
     full = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "a")] + common)
     assert full.returncode == 0, full.stderr
     script = tmp_path / "crash.py"
-    script.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), kill_step=48))
+    script.write_text(KILL_AFTER_SAVE.format(root=str(ROOT), kill_step=16))
     crashed = python([str(script), "--save_dir", str(tmp_path / "b")] + common)
     assert crashed.returncode == -9
-    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["epoch"] == 1  # 0-based
-    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["step"] == 48
-    unpacked = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1",
-                       "--pack", "0"] + common)
-    assert unpacked.returncode == 2 and "saved with --pack 1 --max_seq_len 64; resume with the same values" in \
-        unpacked.stderr, unpacked.stderr
+    assert safe_torch_load(tmp_path / "b" / "checkpoints" / "pretrain_64_resume.pth")["step"] == 16
+    packed = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1",
+                     "--pack", "1"] + common)
+    assert packed.returncode == 2 and "saved with --pack 0 --max_seq_len 64; resume with the same values" in \
+        packed.stderr, packed.stderr
     resumed = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1"] + common)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
