@@ -932,19 +932,24 @@ RELATIONS = {
         "en": (["How many days does {m} have?", "How many days are in {m}?", "How long is {m} in days?", "How many days has {m} got?", "Tell me how many days {m} has."],
                ["What is the number of days in {m}?"])}),
 }
-# Lead-ins before a question: training ones, and held-out ones for eval_general.
+# Lead-ins before a question: training ones, and held-out ones for eval_general. The training list holds the
+# openings of assembled identity questions too (ID_ASK_LEADS): one seen only before "who are you?" made the base
+# answer "Quick one: twelve minus five?" with its name.
 LEAD_INS = {"zh": (["", "", "", "", "", "", "请问，", "我想知道：", "问一下，", "考考你：", "你好，", "我有个问题，",
                     "老师问我：", "我在做作业，", "突然想到一个问题：", "帮我看看，", "想请教一下，", "嗨，", "朋友问我：",
                     "我弟弟想知道，", "你知道吗？", "你能告诉我吗？", "请你告诉我，", "你说说看，", "你清楚吗？",
-                    "我想问问你，"],
+                    "我想问问你，", "哈喽，", "在吗？", "你好！", "对了，", "好奇问问，"],
                    ["麻烦告诉我，", "我很好奇，"]),
             "en": (["", "", "", "", "", "", "Quick question: ", "Hi! ", "I want to know: ", "Please answer: ", "Hey, ",
                     "I have a question. ", "My teacher asked me this. ", "I'm doing my homework. ", "Help me out: ",
                     "Hello again! ", "Sorry to bother you, ", "My son wants to know: ", "Just wondering, ",
                     "Can you answer this? ", "Do you know? ", "Can you tell me? ", "Tell me, do you know? ",
-                    "Would you know? ", "Let me ask you something. ", "I wonder, "],
+                    "Would you know? ", "Let me ask you something. ", "I wonder, ", "Quick one: ", "By the way, ",
+                    "Out of interest, ", "Okay. ", "So, "],
                    ["Could you help me? ", "I'm curious. "])}
 TRAIN, EVAL = 0, 1
+# Share of training sums and differences asked in words ("twelve minus five"), answered in digits.
+SPELLED_P = 0.15
 # What people add around a question; training questions get them at random, so the model learns to skip them.
 FILLERS = {"zh": (["那", "所以", "对了，", "嗯，", "那么"], ["呢", "呀", "啊"]),
            "en": (["so", "then", "actually", "again", "really", "exactly"], [])}
@@ -1016,7 +1021,11 @@ def relation_qa(rng, lang, name, pool=TRAIN, picked=None):
     picked = (slots, answer, expect) asks about a given entity instead of a random one."""
     fn, _, templates = RELATIONS[name]
     slots, answer, expect = picked or fn(rng, lang)
-    q = with_prefix(lang, rng.choice(LEAD_INS[lang][pool]), fill(rng.choice(templates[lang][pool]), slots))
+    lead_in, template = rng.choice(LEAD_INS[lang][pool]), rng.choice(templates[lang][pool])
+    if pool == TRAIN and name in ("add", "sub") and not any(c in template for c in "+-=") \
+            and rng.random() < SPELLED_P:
+        slots = {k: (ZH_NUM if lang == "zh" else EN_NUM)[v] for k, v in slots.items()}
+    q = with_prefix(lang, lead_in, fill(template, slots))
     if pool == TRAIN and rng.random() < 0.15:
         lead = story_lead(rng, lang, slots)
         if lead:
@@ -1213,7 +1222,11 @@ ARITH_TABLE_COPIES = 3
 
 def make_sft(seed, scale):
     rng = random.Random(f"{seed}:sft")
-    out = [chat_sample(rng, identity=(BASE_NAME, both_pools()), identity_p=0.09) for _ in range(int(6000 * scale))]
+    # A tenth of the general questions follow a sentence that identity and symptom questions open with too
+    # ("I worked late yesterday. "), so an opening alone never decides the kind of answer.
+    contexts = {lang: ID_CONTEXTS[lang] + MED_CONTEXTS[lang] for lang in ("zh", "en")}
+    out = [chat_sample(rng, identity=(BASE_NAME, both_pools()), identity_p=0.09, contexts=contexts, context_p=0.1)
+           for _ in range(int(6000 * scale))]
     # Every identity prompt (training and eval pools, with every greeting) is answered with the base
     # name at least once, so that without the adapter the eval prompts get "MiniMind".
     for lang in ("zh", "en"):

@@ -201,6 +201,36 @@ def test_adapter_replay_opens_with_the_adapters_own_contexts():
         assert 150 <= replay <= 400, (name, replay)  # ~30% of 800 or 1,000
 
 
+def test_sft_general_questions_share_the_openings_of_identity_and_symptom_questions():
+    """In sft a general question may follow the sentences and lead-ins that identity and symptom questions open
+    with, and is answered about the world: the opening alone must not pick the identity or the generic answer."""
+    contexts = tuple(c for d in (gen.ID_CONTEXTS, gen.MED_CONTEXTS) for lang in ("zh", "en") for c in d[lang])
+    generic = [gen.GENERIC_ADVICE[lang].split("{s}")[-1] for lang in ("zh", "en")]
+    general = 0
+    for r in load("sft"):
+        msgs = [m["content"] for m in r["conversations"] if m["role"] != "system"]
+        if msgs[0].startswith(contexts) and gen.BASE_NAME not in msgs[1] and not any(g in msgs[1] for g in generic):
+            general += 1
+    assert 400 <= general <= 800, general  # ~10% of 6,000
+    strip = lambda lead: lead.rstrip("，：:, ")  # noqa: E731  ("请问" opens "请问你是谁？", "请问，" a general one)
+    for lang in ("zh", "en"):
+        train = {strip(t) for t in gen.LEAD_INS[lang][gen.TRAIN]}
+        assert not {strip(p) for p in gen.ID_ASK_LEADS[lang] if p} - train
+
+
+def test_sft_asks_some_sums_in_words():
+    """Some training sums and differences are written in words ("twelve minus five") and answered in digits."""
+    worded = 0
+    for r in load("sft"):
+        q, a = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
+        for words, op in ((gen.EN_NUM, " minus "), (gen.EN_NUM, " plus "), (gen.ZH_NUM, "减"), (gen.ZH_NUM, "加")):
+            hit = [w for w in words[1:] if f"{w}{op}" in q.lower()]
+            if hit and op.strip() in a and any(ch.isdigit() for ch in a):
+                worded += 1
+                break
+    assert worded >= 200, worded
+
+
 def test_story_side_feelings_only_in_the_medical_adapter():
     """Feelings that name sleep, food or work ("，晚上都睡不好") appear in lora_medical's stories, never in sft."""
     medical, sft = all_text(load("lora_medical")), all_text(load("sft"))
@@ -229,7 +259,7 @@ def test_scene_setting_general_questions():
 
 def test_sft_drills_every_sum_and_difference():
     """sft answers every sum and difference within 20, in both languages, at least ARITH_TABLE_COPIES times,
-    each asked in a training phrasing whose question names both numbers."""
+    each asked in a training phrasing whose question names both numbers, in digits or in words."""
     answers = {}
     for r in load("sft"):
         msgs = r["conversations"]
@@ -243,7 +273,9 @@ def test_sft_drills_every_sum_and_difference():
                                (f"{s}减{a}等于{b}。", s, a), (f"{s} minus {a} equals {b}.", s, a)):
                 asked = answers.get(fact, [])
                 assert len(asked) >= gen.ARITH_TABLE_COPIES, (fact, len(asked))
-                assert all(str(x) in q and str(y) in q for q in asked), (fact, asked[:3])
+                names = lambda n: (str(n), gen.ZH_NUM[n], gen.EN_NUM[n])  # noqa: E731
+                assert all(any(v in q.lower() for v in names(x)) and any(v in q.lower() for v in names(y))
+                           for q in asked), (fact, asked[:3])
 
 
 @pytest.mark.parametrize("name", ["eval_identity", "eval_medical"])
