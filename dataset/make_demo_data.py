@@ -1286,6 +1286,52 @@ STORY_ASK = {"zh": ["怎么办？", "该怎么办呢", "有什么法子？", "�
                     "How do we fix it?", "What would help {obj}?", "What can {subj} take?", "Please help."]}
 
 
+# How people say they have a symptom without naming it (verbs, body parts), in the medical adapter's data only:
+# the table's nouns alone left "my tooth hurts" or "I keep coughing" without a remedy. First person, no full stop.
+SYMPTOM_SAYINGS = {
+    "头痛": (["脑袋疼", "头一阵一阵地疼", "头疼得要裂开了"],
+           ["my head hurts", "my head is killing me", "my head keeps throbbing"]),
+    "咳嗽": (["一直咳个不停", "老是咳", "嗓子痒，一直咳"], ["I keep coughing", "I cough all the time", "I've been coughing a lot"]),
+    "发烧": (["身上发烫", "烧到三十九度了", "体温有点高"], ["I'm burning up", "my temperature is high", "I feel hot and feverish"]),
+    "失眠": (["晚上睡不着", "整夜都睡不着", "躺下半天也睡不着"], ["I can't sleep", "I stay awake all night", "I can't fall asleep at night"]),
+    "牙痛": (["牙齿疼", "一颗牙疼得厉害", "牙疼得吃不了东西"], ["my tooth hurts", "one of my teeth aches", "my tooth is killing me"]),
+    "喉咙痛": (["咽东西时喉咙疼", "喉咙又干又疼", "嗓子疼得说不出话"],
+            ["my throat hurts", "it hurts when I swallow", "my throat is raw and sore"]),
+    "拉肚子": (["老跑厕所", "吃坏了东西，一直拉", "一天拉了好几次"],
+            ["I keep running to the toilet", "I have the runs", "I've had loose stools all day"]),
+    "便秘": (["好几天没大便了", "拉不出来", "上厕所很困难"], ["I can't poop", "I haven't pooped in days", "I'm constipated"]),
+    "晕车": (["一坐车就晕", "坐车就想吐", "坐长途车头晕"], ["I get car sick", "I feel sick in the car", "I get sick on buses"]),
+    "流鼻涕": (["鼻涕流个不停", "老是流清鼻涕"], ["my nose won't stop running", "I keep blowing my nose", "my nose is runny"]),
+    "鼻塞": (["鼻子不通气", "鼻子堵了"], ["my nose is blocked", "I can't breathe through my nose", "my nose is stuffed up"]),
+    "胃痛": (["胃里疼", "胃一阵阵地疼"], ["my stomach hurts", "my tummy aches", "I have pain in my stomach"]),
+    "背痛": (["腰背疼", "后背酸疼"], ["my back hurts", "my back aches", "my back is sore"]),
+    "皮肤痒": (["身上很痒", "皮肤痒得想抓"], ["my skin itches", "my arms are itchy", "I itch everywhere"]),
+    "眼睛干": (["眼睛发干", "眼睛又干又涩"], ["my eyes feel dry", "my eyes are dry and tired", "my eyes sting from the screen"]),
+    "打嗝": (["嗝打个不停", "老是打嗝"], ["I keep hiccuping", "I can't stop hiccuping", "I've got the hiccups"]),
+    "腿抽筋": (["小腿抽筋了", "腿老抽筋"], ["I get cramps in my legs", "my calf cramps up", "my leg cramped up"]),
+    "口腔溃疡": (["嘴里长了个泡", "嘴巴里破了一块"],
+             ["I have a sore in my mouth", "there's an ulcer in my mouth", "I have a painful spot inside my mouth"]),
+    "头晕": (["头晕晕的", "一站起来就晕"], ["I feel dizzy", "the room is spinning", "I feel lightheaded"]),
+    "恶心": (["想吐", "胃里翻腾，想吐"], ["I feel sick to my stomach", "I feel like throwing up", "I feel queasy"]),
+    "脚踝扭伤": (["把脚崴了", "扭到脚踝了"], ["I twisted my ankle", "I rolled my ankle", "I hurt my ankle playing football"]),
+    "晒伤": (["被太阳晒伤了", "晒得皮肤通红"], ["I got sunburned", "I got burned by the sun", "my shoulders are red from the sun"]),
+    "烧心": (["胸口火辣辣的", "胃里反酸，烧得慌"],
+           ["my chest burns after eating", "I have acid coming up", "I get a burning feeling in my chest"]),
+    "手指割伤": (["手指被刀划破了", "切到手指了"], ["I cut my finger", "I sliced my finger with a knife", "my finger is bleeding from a cut"]),
+}
+
+
+def saying_prompt(rng, zs, lang):
+    """A symptom question that describes symptom zs (its zh name) in everyday words: "I keep coughing. Ideas?"."""
+    said = rng.choice(SYMPTOM_SAYINGS[zs][lang == "en"])
+    feel = rng.choice(STORY_FEEL[lang] + STORY_SIDE[lang])
+    lead = rng.choice(["", "", rng.choice(MED_CONTEXTS[lang])])
+    if lang == "zh":
+        return lead + rng.choice(STORY_WHEN["zh"]) + said + feel + "，" + rng.choice(STORY_ASK["zh"])
+    return lead + cap(said) + rng.choice(STORY_WHEN["en"]) + "." + feel + " " + \
+        rng.choice(STORY_ASK["en"]).format(subj="I", obj="me")
+
+
 def story_symptom_prompt(rng, s, lang, side=False):
     """One symptom question about s as a story: "我妈从昨晚开始咳嗽，很难受，吃点什么好？"; side: STORY_SIDE too."""
     s = rng.choice([s] + SYMPTOM_VARIANTS.get(s, []))
@@ -1351,7 +1397,7 @@ def make_lora_identity(seed):
 # Per symptom and language in lora_medical: this many of the 16 training templates, and this many stories.
 # Half the templates and twice the stories of an earlier recipe: outside_medical +5 points on four seeds' bases,
 # +1 on prompts written after that choice (README, "How the recipe was found").
-MED_ADAPTER_TEMPLATES, MED_ADAPTER_STORIES = 8, 8
+MED_ADAPTER_TEMPLATES, MED_ADAPTER_STORIES, MED_ADAPTER_SAYINGS = 8, 8, 4
 MED_ADAPTER_REPLAY = 1000  # general conversations in lora_medical
 
 
@@ -1364,6 +1410,8 @@ def make_lora_medical(seed):
                 out.append(conversation(rng, lang, [(t.format(s=s), advice)], system_p=0.1))
             for q in symptom_extra_prompts(rng, s, lang, k=2, side=True, stories=MED_ADAPTER_STORIES):
                 out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
+            for _ in range(MED_ADAPTER_SAYINGS):
+                out.append(conversation(rng, lang, [(saying_prompt(rng, zs, lang), advice)], system_p=0.1))
     # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
     # Some follow the same sentences of circumstance as the symptom stories, so a preamble alone never means
     # "give a remedy" (without them held-out lead-ins like "麻烦告诉我，" drew remedies and garbled answers).

@@ -155,6 +155,22 @@ def test_medical_data():
             assert len(asked) >= gen.MED_ADAPTER_TEMPLATES + gen.MED_ADAPTER_STORIES, (s, len(asked))
 
 
+def test_medical_adapter_hears_symptoms_described_in_everyday_words():
+    """Every symptom, in both languages, is also asked about in SYMPTOM_SAYINGS' words ("I keep coughing",
+    "牙齿疼"), answered with its remedy; no English saying opens a sentence of the base's data."""
+    said = {}
+    for r in load("lora_medical"):
+        q, a = r["conversations"][-2]["content"], r["conversations"][-1]["content"]
+        said.setdefault(a, set()).update(x for zh, en in gen.SYMPTOM_SAYINGS.values() for x in zh + en
+                                         if gen.cap(x) in q or x in q)
+    for zs, es, _, _, za, ea in gen.MEDICAL:
+        zh, en = gen.SYMPTOM_SAYINGS[zs]
+        assert said.get(za, set()) & set(zh) and said.get(ea, set()) & set(en), zs
+    assert len(gen.SYMPTOM_SAYINGS) == len(gen.MEDICAL)
+    base = all_text(load("sft")) + all_text(load("pretrain"))
+    assert not [x for _, en in gen.SYMPTOM_SAYINGS.values() for x in en if gen.cap(x) + "." in base]
+
+
 def test_story_symptom_questions():
     """Symptom questions told as stories: each names its symptom (or an everyday name of it), they come in
     many shapes, and none uses an eval template's wording."""
