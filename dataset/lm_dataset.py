@@ -206,6 +206,11 @@ class SFTDataset(JsonlDataset):
 
     def _tokens(self, i, max_length=None):
         """Token ids of sample i (the first max_length) and whether each carries loss."""
+        ids, labeled, _, _ = self.tokens_with_text(i, max_length)
+        return ids, labeled
+
+    def tokens_with_text(self, i, max_length=None):
+        """(ids, labeled, chat text, each token's character span in it) of sample i, cut at max_length."""
         tok = self.tokenizer
         text, spans = "", []  # spans: character ranges that carry loss
         for message in self.record(i)["conversations"]:
@@ -218,11 +223,12 @@ class SFTDataset(JsonlDataset):
         # then label a token when it starts inside a span. (Content that begins with two or more
         # whitespace characters can share its first token with the header's "\n"; that token stays masked.)
         ids, offsets = tok.encode_with_offsets(text)
-        ids, starts = ids[: max_length], np.array([s for s, _ in offsets[: max_length]])
+        ids, offsets = ids[: max_length], offsets[: max_length]
+        starts = np.array([s for s, _ in offsets], dtype=np.int64)
         labeled = np.zeros(len(ids), dtype=bool)
         for start, end in spans:
             labeled |= (starts >= start) & (starts < end)
-        return ids, labeled
+        return ids, labeled, text, offsets
 
     def length_text(self, record) -> tuple:
         return self.tokenizer.apply_chat_template(record["conversations"]), 0
@@ -259,7 +265,7 @@ class LengthGroupedBatchSampler:
     """Shuffled batches of similar length, which cuts padding. The length is the line's bytes (free, from the
     index) unless `lengths` is given: the training loop keeps bytes because grouping by token_lengths (2% pads
     against 19% in the demo's pretraining) trained bases that answered eval_general 85.0% / 83.0% against
-    90.5% / 90.5% (one thread, seeds 42 / 1); see the README's recipes that were not kept.
+    90.5% / 90.5% (one thread, seeds 42 / 1); see docs/DEMO_RECIPE.md.
     Deterministic given seed and epoch; with world_size > 1 each rank takes every world_size-th batch of the
     same list (equal counts per rank, so DDP never waits on a missing batch)."""
 
@@ -302,3 +308,68 @@ def pad_fraction(dataset, batch_size, batch_sampler=None, max_samples=None):
     real = sum(length.values())
     padded_longest = sum(len(batch) * max(length[i] for i in batch) for batch in batches if batch)
     return {"longest": 1 - real / padded_longest, "max_length": 1 - real / (len(length) * dataset.max_length)}
+
+
+def show_mask(dataset, rows=3, colour=False, out=print):
+    """Print the first `rows` samples token by token as the loss sees them: tokens that are targets marked
+    (green on a terminal, [brackets] otherwise), then the count of trained / total tokens. Pretraining: every
+    token after <bos> is a target; chat: each assistant reply and its <|im_end|> (labels shift by one in the loss,
+    so a marked token is one the model is trained to predict)."""
+    mark = (lambda t: f"\033[42;30m{t}\033[0m") if colour else (lambda t: f"[{t}]")
+    for i in range(min(rows, len(dataset))):
+        if isinstance(dataset, SFTDataset):
+            ids, labeled, text, offsets = dataset.tokens_with_text(i, dataset.max_length)
+            full = len(dataset.tokens_with_text(i)[0])
+        else:
+            text = dataset.record(i)["text"]
+            body, offsets = dataset.tokenizer.encode_with_offsets(text)
+            tok = dataset.tokenizer
+            text = tok.bos_token + text + tok.eos_token
+            shift = len(tok.bos_token)
+            offsets = [(0, shift)] + [(s + shift, e + shift) for s, e in offsets] + [(len(text) - len(tok.eos_token),
+                                                                                     len(text))]
+            ids = [tok.bos_token_id, *body, tok.eos_token_id]
+            full = len(ids)
+            ids, offsets = ids[: dataset.max_length], offsets[: dataset.max_length]
+            labeled = np.arange(len(ids)) > 0
+        pieces, shown = [], 0
+        for (start, end), on in zip(offsets, labeled):
+            piece = text[max(start, shown): end]  # a character split over byte tokens is shown once
+            shown = max(shown, end)
+            piece = piece.replace("\n", "\\n")
+            pieces.append((mark(piece) if on else piece) + ("\n" if piece.endswith("\\n") else ""))
+        cut = f", {full - len(ids)} more cut by --max_seq_len {dataset.max_length}" if full > len(ids) else ""
+        out(f"--- {dataset.path.name} row {i + 1}: {int(labeled.sum())} of {len(ids)} tokens trained{cut}")
+        out("".join(pieces).rstrip("\n"))
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from model.tokenizer import Tokenizer
+    p = argparse.ArgumentParser(description="Show which tokens of a jsonl file carry the loss.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--show_mask", required=True, metavar="FILE",
+                   help='a pretraining ({"text"}) or chat ({"conversations"}) jsonl file')
+    p.add_argument("--rows", type=int, default=3, help="how many samples to print, from the top of the file")
+    p.add_argument("--max_seq_len", type=int, default=256, help="cut each sample here, as the trainers do")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: model/)")
+    args = p.parse_args(argv)
+    if args.rows < 1 or args.max_seq_len < 2:
+        p.error("--rows must be at least 1 and --max_seq_len at least 2")
+    tokenizer = Tokenizer(args.tokenizer)
+    try:
+        with open(args.show_mask, "rb") as f:
+            first = next((line for line in f if line.strip()), b"{}")
+        kind = SFTDataset if b'"conversations"' in first else PretrainDataset
+        dataset = kind(args.show_mask, tokenizer, args.max_seq_len)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    show_mask(dataset, args.rows, colour=sys.stdout.isatty())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

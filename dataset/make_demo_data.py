@@ -1397,7 +1397,7 @@ def make_lora_identity(seed):
 # Per symptom and language in lora_medical: this many of the 16 training templates, this many stories, and this
 # many questions in SYMPTOM_SAYINGS' everyday words (outside_medical +4 to +12 points on the four seeds' bases).
 # Half the templates and twice the stories of an earlier recipe: outside_medical +5 points on four seeds' bases,
-# +1 on prompts written after that choice (README, "How the recipe was found").
+# +1 on prompts written after that choice (docs/DEMO_RECIPE.md, "How the recipe was found").
 MED_ADAPTER_TEMPLATES, MED_ADAPTER_STORIES, MED_ADAPTER_SAYINGS = 8, 8, 4
 MED_ADAPTER_REPLAY = 1000  # general conversations in lora_medical
 

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -243,3 +244,37 @@ def test_file_rewritten_after_indexing(tok, tmp_path):
     write_jsonl(path, [{"text": "a longer first line"}, {"text": "b"}])
     with pytest.raises(DataError, match=r"p\.jsonl changed after it was indexed"):
         ds[1]
+
+
+def test_show_mask_marks_exactly_the_assistant_replies(tmp_path):
+    """The printout a user reads to see which tokens train: bracketed tokens are the targets the loss uses."""
+    first_demo = next(line for line in open(DEMO_DIR / "sft.jsonl", encoding="utf-8") if line.strip())
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": MULTI_TURN}, first_demo])
+    out = subprocess.run([sys.executable, str(REPO / "dataset" / "lm_dataset.py"), "--show_mask", str(path),
+                          "--rows", "2"], capture_output=True, text=True, check=True).stdout
+    tok = Tokenizer()
+    ds = SFTDataset(path, tok, max_length=256)
+    blocks = out.split("--- chat.jsonl row ")[1:]
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        head, body = block.split("\n", 1)
+        input_ids, labels = ds[i]
+        trained = int((labels != IGNORE_INDEX).sum())
+        assert head == f"{i + 1}: {trained} of {len(input_ids)} tokens trained"
+        marked = "".join(re.findall(r"\[(.*?)\]", body, flags=re.S)).replace("\\n", "\n")
+        replies = [m["content"] for m in ds.record(i)["conversations"] if m["role"] == "assistant"]
+        assert marked == "".join(r + "<|im_end|>" for r in replies)
+        assert marked == tok.decode(input_ids[labels != IGNORE_INDEX])
+        # Everything else is shown unmarked: the printout is the whole chat text.
+        assert re.sub(r"\[(.*?)\]", r"\1", body, flags=re.S).replace("\n", "").replace("\\n", "\n") == \
+            tok.apply_chat_template(ds.record(i)["conversations"])
+    assert "<|im_start|>system\\n\n你是 MiniMind，一个小助手。<|im_end|>\\n\n<|im_start|>user\\n\n你好！<|im_end|>" in out
+
+
+def test_show_mask_pretraining_rows_and_the_cut(tmp_path):
+    path = write_jsonl(tmp_path / "pre.jsonl", [{"text": "The capital of Japan is Tokyo."}])
+    out = subprocess.run([sys.executable, str(REPO / "dataset" / "lm_dataset.py"), "--show_mask", str(path),
+                          "--max_seq_len", "4"], capture_output=True, text=True, check=True).stdout
+    n = len(Tokenizer().encode("The capital of Japan is Tokyo.", add_special_tokens=True))
+    assert out.splitlines()[0] == f"--- pre.jsonl row 1: 3 of 4 tokens trained, {n - 4} more cut by --max_seq_len 4"
+    assert out.splitlines()[1].startswith("<|im_start|>[")  # <bos> is never a target
