@@ -34,7 +34,8 @@ from model.checkpoint import atomic_json_save, load_model  # noqa: E402
 from model.model_lora import (LoRAError, active_adapter, default_adapter_name, find_adapter,  # noqa: E402
                               list_adapters, load_lora, merge_lora, set_adapter, unmerge_lora)
 from model.tokenizer import Tokenizer  # noqa: E402
-from trainer.trainer_utils import MAKES, evaluate_loss, run_main, weight_path  # noqa: E402
+from trainer.trainer_utils import (MAKES, HelpFormatter, evaluate_loss, nonnegative_int, positive_int,  # noqa: E402
+                                   run_main, weight_path)
 
 ADAPTER_SUFFIXES = (".pth", ".safetensors")
 CHAT_HELP = "commands: /adapter NAME (or none), /adapters, /clear (history), /exit"
@@ -51,12 +52,12 @@ def add_base_args(a) -> None:
     a("--num_hidden_layers", type=int, default=None, help="only for checkpoints without a .json config (MiniMind's)")
     a("--num_attention_heads", type=int, default=None, help="only for checkpoints without a .json config")
     a("--num_key_value_heads", type=int, default=None, help="only for checkpoints without a .json config")
-    a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="on CUDA; the CPU uses float32")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     add_base_args(a)
     a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path; "
@@ -70,19 +71,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--system", default=None, help="system prompt")
     a("--history_turns", type=int, default=0, help="chat: earlier exchanges kept as context (0: each turn alone)")
     a("--temperature", type=float, default=0.85, help="0: greedy")
-    a("--top_p", type=float, default=0.85)
+    a("--top_p", type=float, default=0.85, help="sample from the smallest set of tokens with this much probability")
     a("--top_k", type=int, default=0, help="0: off")
-    a("--repetition_penalty", type=float, default=1.0)
+    a("--repetition_penalty", type=float, default=1.0, help="above 1: tokens already in the text are less likely")
     a("--max_new_tokens", type=int, default=None, help="default 512 in chat and --prompt, 48 for --eval")
-    a("--seed", type=int, default=42)
+    a("--seed", type=int, default=42, help="seeds sampling")
     a("--show_speed", action="store_true", help="print decode tokens/s after each answer")
     a("--compile", action="store_true", help="decode with a static KV cache and a torch.compile'd step (first "
       "answer of each shape compiles; the compiled code is cached in {save_dir}/compile_cache between runs)")
     a("--eval", action="append", default=[], help="jsonl file(s) to score, comma-separated or repeated")
-    a("--eval_limit", type=int, default=0, help="score the first N samples of each file (0: all)")
-    a("--batch_size", type=int, default=48,
+    a("--eval_limit", type=nonnegative_int, default=0, help="score the first N samples of each file (0: all)")
+    a("--show_misses", type=nonnegative_int, default=0, metavar="N",
+      help="--eval: print the first N wrong replies of each file and setting, with prompt and expected answer")
+    a("--skip_bad_lines", action="store_true", help="--eval: skip and count malformed lines instead of stopping")
+    a("--batch_size", type=positive_int, default=48,
       help="--eval batch size (48 against 16: the demo's eval in 65 s against 98 s, the same replies)")
-    a("--max_seq_len", type=int, default=512, help="--eval: samples are truncated to this many tokens")
+    a("--max_seq_len", type=positive_int, default=512, help="--eval: samples are truncated to this many tokens")
     a("--json", action="store_true", help="--eval: print only the rows as a JSON list")
     a("--json_out", default=None, help="--eval: also write the rows as JSON to this file")
     args = p.parse_args(argv)
@@ -170,7 +174,7 @@ def load_base(args, tok, weight: str):
         raise EvalError(f"--device {args.device}: CUDA is not available here; use --device cpu")
     dtype = getattr(torch, args.dtype) if device.type == "cuda" else None
     path = base_path(args, weight)
-    model = load_model(path, device, dtype, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+    model = load_model(path, device, dtype, num_hidden_layers=args.num_hidden_layers,  # shapes decide the rest
                        num_attention_heads=args.num_attention_heads,
                        num_key_value_heads=args.num_key_value_heads).eval()
     if model.config.vocab_size != tok.vocab_size:
@@ -356,6 +360,7 @@ class EvalFile:
     expects: list            # the expect strings of the same samples
     mentions: list           # their mention strings (None where a sample has none)
     completion: bool         # {"text"} rows: judge the first sentence of the continuation
+    questions: list = None   # the prompt's last user message (or the text), for --show_misses
 
 
 def contains(reply: str, want: str) -> bool:
@@ -383,26 +388,31 @@ def read_eval_file(path: str, tok, args) -> EvalFile:
     except ValueError:
         record = None  # the conversation reader names the line and what is wrong with it
     is_text = isinstance(record, dict) and "text" in record and "conversations" not in record
-    dataset = (EvalTexts if is_text else EvalConversations)(path, tok, args.max_seq_len)
+    dataset = (EvalTexts if is_text else EvalConversations)(path, tok, args.max_seq_len,
+                                                           skip_bad_lines=getattr(args, "skip_bad_lines", False))
+    if dataset.n_skipped:
+        log(f"{path}: skipped {dataset.n_skipped} malformed lines")
     dataset.check_targets()  # a --max_seq_len that cuts every answer would score a ppl of 1.00 on nothing
     n = min(len(dataset), args.eval_limit) if args.eval_limit > 0 else len(dataset)
-    prompts, expects, mentions = [], [], []
+    prompts, expects, mentions, questions = [], [], [], []
     for i in range(n):
         record = dataset.record(i)
         if not record.get("expect"):
             continue
         if is_text:  # as pretraining saw it: <|im_start|> then the text
             prompts.append([tok.bos_token_id] + tok.encode(record["text"]))
+            questions.append(record["text"])
         else:
             messages = record["conversations"]
             last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
             prompts.append(tok.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True))
+            questions.append(messages[last - 1]["content"] if last else "")
         expects.append(record["expect"])
         mentions.append(record.get("mention"))
     # The loss batches go in length order: little padding (half the time on eval_pretrain's 300 texts).
     lengths = dataset.token_lengths()
     by_length = sorted(range(n), key=lambda i: lengths[i])
-    return EvalFile(path, Subset(dataset, by_length), prompts, expects, mentions, is_text)
+    return EvalFile(path, Subset(dataset, by_length), prompts, expects, mentions, is_text, questions)
 
 
 def greedy_replies(model, tok, prompts, max_new_tokens: int, batch_size: int, repetition_penalty=1.0,
@@ -441,7 +451,11 @@ def score(model, tok, ef: EvalFile, args) -> dict:
                                  args.repetition_penalty, args.compile)
         if ef.completion:
             replies = [first_sentence(r) for r in replies]
-        match_rate = sum(any(contains(r, e) for e in expect) for r, expect in zip(replies, ef.expects)) / len(replies)
+        hits = [any(contains(r, e) for e in expect) for r, expect in zip(replies, ef.expects)]
+        match_rate = sum(hits) / len(replies)
+        misses = [i for i, hit in enumerate(hits) if not hit][: getattr(args, "show_misses", 0)]
+        for i in misses:
+            log(f"  miss: {ef.questions[i]!r} -> {replies[i]!r} (expected: {' | '.join(ef.expects[i])})")
         named = [any(contains(r, m) for m in mention) for r, mention in zip(replies, ef.mentions) if mention]
         mention_rate = sum(named) / len(named) if named else None
     return {"n": len(ef.dataset), "match_rate": match_rate, "mention_rate": mention_rate,
@@ -456,6 +470,8 @@ def evaluate(model, tok, adapters, args, files=None) -> list:
     for ef in files:
         for setting in [None] + adapters:
             switch(model, setting, args.merge)
+            if getattr(args, "show_misses", 0) and ef.prompts:
+                log(f"{Path(ef.path).name} under {setting or 'no adapter'}: the first {args.show_misses} misses")
             t0 = time.time()
             row = {"weight": model.weight_name, "setting": setting or "none", "file": ef.path,
                    **score(model, tok, ef, args)}

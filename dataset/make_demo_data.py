@@ -1566,9 +1566,10 @@ def check(out_dir):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default=str(HERE / "demo"))
-    parser.add_argument("--seed", type=int, default=42)
+    formatter = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--out_dir", default=str(HERE / "demo"), help="where the jsonl files go")
+    parser.add_argument("--seed", type=int, default=42, help="seeds every file's generator")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the pretrain and sft row counts")
     args = parser.parse_args(argv)
 

@@ -7,6 +7,7 @@ import codecs
 import json
 import os
 import pickle
+import re
 import tempfile
 import types
 import typing
@@ -149,12 +150,40 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_
                "head_dim", "intermediate_size", "max_position_embeddings")
 
 
-def load_config(weight_path, **overrides) -> MiniMindConfig:
-    """The config saved beside the weights; for foreign checkpoints (no sidecar), built from overrides.
+def config_from_state(state: dict) -> dict:
+    """The architecture a state dict of base weights implies, read off its tensors' shapes (for checkpoints
+    without a sidecar, such as MiniMind's): vocabulary and width from the embedding, layers from the keys, the
+    head size from q_norm, heads from q_proj and k_proj, the MLP width from gate_proj. Fields the shapes do not
+    show (rope_theta, rms_norm_eps) keep MiniMindConfig's defaults. {} when the keys are not a MiniMind model's."""
+    def shape(key):
+        value = state.get(key)
+        return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+    embed, q, k = shape("model.embed_tokens.weight"), shape("model.layers.0.self_attn.q_proj.weight"), \
+        shape("model.layers.0.self_attn.k_proj.weight")
+    q_norm, gate = shape("model.layers.0.self_attn.q_norm.weight"), shape("model.layers.0.mlp.gate_proj.weight")
+    if not (embed and q and k and q_norm and gate) or len(embed) != 2:
+        return {}
+    head_dim = q_norm[0]
+    layers = {int(m.group(1)) for key in state if (m := re.match(r"model\.layers\.(\d+)\.", key))}
+    return {"vocab_size": embed[0], "hidden_size": embed[1], "num_hidden_layers": max(layers) + 1,
+            "head_dim": head_dim, "num_attention_heads": q[0] // head_dim, "num_key_value_heads": k[0] // head_dim,
+            "intermediate_size": gate[0], "tie_word_embeddings": _tied(state)}
+
+
+def _tied(state: dict) -> bool:
+    # A tied model saves lm_head.weight as the embedding itself (or, as Hugging Face does, not at all).
+    head = state.get("lm_head.weight")
+    return head is None or torch.equal(head, state["model.embed_tokens.weight"])
+
+
+def load_config(weight_path, state: Optional[dict] = None, **overrides) -> MiniMindConfig:
+    """The config saved beside the weights; for foreign checkpoints (no sidecar), read off the tensors' shapes
+    (`state`), with any non-None overrides on top (a wrong one then fails the strict load, naming the shapes).
     A sidecar that is not valid JSON, not an object, or has fields of the wrong type raises CheckpointError."""
     cfg_file = config_path(weight_path)
     if not cfg_file.is_file():
-        return MiniMindConfig(**{k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return MiniMindConfig(**{**(config_from_state(state) if state is not None else {}), **given})
     fix = "fix it, or delete it to give the architecture as flags instead (--hidden_size, --num_hidden_layers, ...)"
     try:
         d = json.loads(cfg_file.read_text(encoding="utf-8"))
@@ -243,8 +272,9 @@ def load_model(path, device="cpu", dtype: Optional[torch.dtype] = None, **config
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     state = safe_torch_load(path)
-    model = MiniMindForCausalLM(load_config(path, **config_overrides))
+    model = MiniMindForCausalLM(load_config(path, state, **config_overrides))
     load_state_dict_strict(model, state, path)
+    model.name_or_path = str(path)  # names the base in messages, as transformers' name_or_path
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -122,13 +123,19 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
+        # In bf16/fp16, W0 + delta - delta rounds twice (5% of a bf16 W0's entries moved): keep W0 to restore it.
+        self.unmerged_weight = None if self.weight.dtype == torch.float32 else self.weight.detach().clone()
         self.weight.copy_((self.weight.float() + self.lora[name].delta_weight()).to(self.weight.dtype))
         self.merged_adapter = name
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        delta = self.lora[self.merged_adapter].delta_weight()
-        self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+        if getattr(self, "unmerged_weight", None) is not None:
+            self.weight.copy_(self.unmerged_weight)
+            self.unmerged_weight = None
+        else:
+            delta = self.lora[self.merged_adapter].delta_weight()
+            self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
         self.merged_adapter = None
 
     def extra_repr(self) -> str:
@@ -153,7 +160,8 @@ def find_targets(root: nn.Module, target_modules) -> list[tuple[str, nn.Module]]
         unknown = sorted(kinds - set(PROJECTIONS))
         if unknown or not kinds:
             raise LoRAError(f"unknown LoRA target {unknown[0] if unknown else '(empty)'!r}; valid: "
-                            f"{', '.join(PROJECTIONS)}, all-linear, or none for the square layers")
+                            f"{', '.join(PROJECTIONS)}, all-linear, or square (MiniMind's rule: the square "
+                            f"projections); comma-separate several")
     chosen = []
     for name, m in root.named_modules():
         if not isinstance(m, (nn.Linear, LoRALinear)) or name.rsplit(".", 1)[-1] not in PROJECTIONS:
@@ -190,6 +198,7 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, dropout: float = 0.0, ta
     target_modules: None (MiniMind's square layers), names from PROJECTIONS (list or 'q_proj,v_proj'),
     or 'all-linear'. Calling it again with another adapter_name adds a second adapter."""
     root = unwrap(model)
+    _check_name(adapter_name)
     _check_not_merged(root, "adding an adapter")
     targets = find_targets(root, target_modules)
     if adapter_name in list_adapters(root):
@@ -202,6 +211,13 @@ def apply_lora(model, rank: int = 8, alpha: float = 16, dropout: float = 0.0, ta
     mark_only_lora_trainable(root, adapter_name)
     set_adapter(root, adapter_name)
     return adapter_stats(root, adapter_name)
+
+
+def _check_name(adapter_name: str) -> None:
+    # nn.ModuleDict keys name submodules, so a '.' in a name would split it into two.
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise LoRAError(f"adapter name {adapter_name!r}: must be a non-empty string without '.'; e.g. "
+                        f"{str(adapter_name).replace('.', '_') or 'default'!r}")
 
 
 def mark_only_lora_trainable(model, adapter_name: str) -> None:
@@ -250,13 +266,45 @@ def adapter_config(model, adapter_name: Optional[str] = None) -> dict:
 
 
 def base_fingerprint(model, layers: Iterable[tuple[str, nn.Module]]) -> dict:
-    """Config dims plus the (out, in) shape of each targeted layer kind; no weight values."""
-    config = getattr(unwrap(model), "config", None)
+    """Config dims, the (out, in) shape of each targeted layer kind, and a probe of the base's weights (a few
+    values of its embedding and first targeted layer), which tells two bases of the same shape apart."""
+    root = unwrap(model)
+    config = getattr(root, "config", None)
     dims = {k: getattr(config, k) for k in FINGERPRINT_DIMS if hasattr(config, k)}
     shapes = {}
+    layers = list(layers)
     for name, m in layers:
         shapes.setdefault(name.rsplit(".", 1)[-1], [m.out_features, m.in_features])
-    return {**dims, "layer_shapes": shapes}
+    keys = ["model.embed_tokens.weight"] + [f"{name}.weight" for name, _ in list(layers)[:1]]
+    probe = {k: v for k in keys if (v := _probe(root, k))}
+    name = getattr(root, "name_or_path", None)
+    return {**dims, "layer_shapes": shapes, "probe": probe, **({"name_or_path": name} if name else {})}
+
+
+PROBE_POINTS = 16
+
+
+def _probe(root: nn.Module, key: str) -> list:
+    """PROBE_POINTS evenly spaced values of a base tensor, rounded (a bf16 copy of the base must still match)."""
+    try:
+        w = root.get_parameter(key).detach().flatten()
+    except (AttributeError, ValueError):
+        return []
+    idx = torch.linspace(0, w.numel() - 1, PROBE_POINTS).long().to(w.device)
+    return [float(f"{v:.4g}") for v in w[idx].float().tolist()]
+
+
+def _warn_if_other_base(root: nn.Module, config: Optional[dict], source: str) -> None:
+    """One line on stderr when the adapter's recorded probe values differ from this base's weights."""
+    recorded = ((config or {}).get("base") or {}).get("probe") or {}
+    for key, values in recorded.items():
+        have = _probe(root, key)
+        if have and len(have) == len(values) and any(abs(a - b) > 2e-2 * abs(b) + 1e-4 for a, b in zip(have, values)):
+            trained_on = ((config or {}).get("base") or {}).get("name_or_path", "another base")
+            here = getattr(root, "name_or_path", "this model")
+            print(f"warning: {source} was trained on {trained_on}, whose weights differ from {here} (same shapes); "
+                  f"its outputs here are not what it learned", file=sys.stderr, flush=True)
+            return
 
 
 def adapter_stats(model, adapter_name: Optional[str] = None) -> dict:
@@ -322,7 +370,8 @@ def merge_lora(model, adapter_name: Optional[str] = None) -> str:
 
 
 def unmerge_lora(model) -> Optional[str]:
-    """Subtract the merged adapter from W0 again (exact up to fp32 rounding); returns its name, or None."""
+    """Take the merged adapter out of W0 again; returns its name, or None. An fp32 W0 gets the delta subtracted
+    (exact up to fp32 rounding); a bf16/fp16 W0 is restored bit for bit from the copy merge kept."""
     name = None
     for _, m in lora_layers(model):
         if m.merged_adapter is not None:
@@ -413,8 +462,9 @@ def find_adapter(name_or_path, hidden_size: Optional[int] = None, out_dir=REPO_R
 
 
 def default_adapter_name(path, model=None) -> str:
-    """The file stem, minus a trailing `_{hidden_size}` of the model: lora_identity_256.pth -> lora_identity."""
-    stem = Path(path).stem
+    """The file stem, minus a trailing `_{hidden_size}` of the model: lora_identity_256.pth -> lora_identity;
+    a '.' becomes '_' (lora_id.v2_256.pth -> lora_id_v2), since adapter names are module keys."""
+    stem = Path(path).stem.replace(".", "_")
     hidden = getattr(getattr(unwrap(model), "config", None), "hidden_size", None) if model is not None else None
     suffix = f"_{hidden}"
     return stem[:-len(suffix)] if hidden is not None and stem.endswith(suffix) and stem != suffix else stem
@@ -480,9 +530,11 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
     """load_lora for an in-memory dict such as lora_state_dict's (e.g. from a resume checkpoint).
     Everything is checked before anything changes, so a refused file leaves the model as it was."""
     root = unwrap(model)
+    _check_name(adapter_name)
     _check_not_merged(root, "loading an adapter")
     pairs, config = _parse_adapter(clean_state_dict(state), source)
     _check_fits_base(root, pairs, config, source)
+    _warn_if_other_base(root, config, source)
     existing = {n: m.lora[adapter_name] for n, m in lora_layers(root) if adapter_name in m.lora}
     if existing and set(existing) != set(pairs):
         module = sorted(set(existing) ^ set(pairs))[0]

@@ -807,12 +807,13 @@ def main(argv=None) -> int:
         spec = json.loads(argv[1])
         print(json.dumps(CHILDREN[spec["child"]](spec)))
         return 0
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("names", nargs="*", help=f"sub-benchmarks (default: all): {', '.join(ALL)}")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1-2 repeats: a smoke test in seconds")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats after warmup (default 7, quick 2)")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (all cores)")
     p.add_argument("--peak_flops", type=float, default=None, help="bf16 peak FLOP/s for MFU on an unlisted GPU")
     p.add_argument("--write", nargs="?", const=str(ROOT / "docs" / "BENCHMARKS.md"), default=None,
                    help="write Markdown (default path docs/BENCHMARKS.md); without it only print")

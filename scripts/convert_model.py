@@ -40,15 +40,16 @@ def existing(path) -> Path:
     return path if path.exists() or path.is_absolute() or not (REPO_ROOT / path).exists() else REPO_ROOT / path
 
 
-def load_merged(weight, lora=None, **config_overrides) -> tuple[MiniMindForCausalLM, torch.dtype]:
+def load_merged(weight, lora=None, save_dir=REPO_ROOT / "out",
+                **config_overrides) -> tuple[MiniMindForCausalLM, torch.dtype]:
     """The base model in fp32 with the adapter (if any) folded in and removed; plus the base file's dtype."""
     weight = existing(weight)
     state = safe_torch_load(weight)
-    model = MiniMindForCausalLM(load_config(weight, **config_overrides))
+    model = MiniMindForCausalLM(load_config(weight, state, **config_overrides))
     load_state_dict_strict(model, state, weight)
     dtype = next(v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
     if lora:
-        load_lora(model, find_adapter(existing(lora), model.config.hidden_size))
+        load_lora(model, find_adapter(existing(lora), model.config.hidden_size, out_dir=save_dir))
         merge_lora(model)
         unload_lora(model)
     return model.eval(), dtype
@@ -73,21 +74,21 @@ def export_hf(model: MiniMindForCausalLM, out_dir, dtype: torch.dtype, tokenizer
 
 
 def merge(args) -> str:
-    model, dtype = load_merged(args.weight, args.lora, **args.arch)
+    model, dtype = load_merged(args.weight, args.lora, args.save_dir, **args.arch)
     save_model(model.to(args.dtype or dtype), args.out,
                extra_config={"merged_from": {"weight": str(args.weight), "lora": str(args.lora)}})
     return f"merged {args.lora} into {args.weight} -> {args.out}"
 
 
 def to_hf(args) -> str:
-    model, dtype = load_merged(args.weight, args.lora, **args.arch)
+    model, dtype = load_merged(args.weight, args.lora, args.save_dir, **args.arch)
     export_hf(model, args.to_hf, args.dtype or dtype)
     return f"exported {args.weight}{' + ' + args.lora if args.lora else ''} -> {args.to_hf} (Qwen3)"
 
 
 def to_peft(args) -> str:
     model, _ = load_merged(args.weight, **args.arch)  # the base the adapter must fit
-    path = find_adapter(existing(args.lora), model.config.hidden_size)
+    path = find_adapter(existing(args.lora), model.config.hidden_size, out_dir=args.save_dir)
     save_peft_folder(read_lora_file(path), args.to_peft, model,
                      args.base_model_name_or_path or str(args.weight), source=str(path))
     return f"exported {path} -> {args.to_peft} (PEFT LoRA)"
@@ -124,7 +125,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    p = OneLineParser(description=__doc__.splitlines()[0])
+    p = OneLineParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--merge", action="store_true", help="merge --lora into --weight, save to --out")
     mode.add_argument("--to_hf", metavar="DIR", help="export --weight (merged with --lora if given) to DIR")
@@ -133,14 +134,17 @@ def main(argv=None):
     mode.add_argument("--from_hf", metavar="DIR", help="convert a Qwen3 / MiniMind transformers folder to our "
                                                        "checkpoint --out (.pth + .json)")
     p.add_argument("--weight", help="base checkpoint, e.g. out/full_sft_256.pth")
-    p.add_argument("--lora", help="adapter file (or PEFT folder), or a name looked up in out/lora/ then out/")
+    p.add_argument("--lora", help="adapter file (or PEFT folder), or a name looked up in {save_dir}/lora/ then "
+                                  "{save_dir}/, as eval_llm.py does")
+    p.add_argument("--save_dir", default=str(REPO_ROOT / "out"), help="where adapter names are looked up")
     p.add_argument("--out", help="--merge, --from_hf: checkpoint to write (its .json config beside it); "
                                  "--from_peft: adapter file, .pth or .safetensors")
     p.add_argument("--base_model_name_or_path", help="--to_peft: recorded in adapter_config.json, e.g. the "
                                                      "--to_hf folder of the same base (default: --weight)")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the base file's")
-    p.add_argument("--hidden_size", type=int, help="only for checkpoints without a .json config")
-    p.add_argument("--num_hidden_layers", type=int, help="only for checkpoints without a .json config")
+    p.add_argument("--hidden_size", type=int, help="checkpoints without a .json config: overrides what the "
+                                                   "tensors' shapes say (default: read off the shapes)")
+    p.add_argument("--num_hidden_layers", type=int, help="as --hidden_size")
     args = p.parse_args(argv)
     name = next(m for m in MODES if getattr(args, m))
     run, needs = MODES[name]

@@ -78,13 +78,14 @@ def report(config: MiniMindConfig, rank: int, targets=None, title: str = "custom
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="a known model's shape")
     for dim in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                 "intermediate_size", "vocab_size"):
         p.add_argument(f"--{dim}", type=int, default=None, help="overrides the preset")
-    p.add_argument("--tie_word_embeddings", type=int, choices=(0, 1), default=None)
-    p.add_argument("--lora_rank", type=int, default=8)
+    p.add_argument("--tie_word_embeddings", type=int, choices=(0, 1), default=None, help="overrides the preset")
+    p.add_argument("--lora_rank", type=int, default=8, help="r")
     p.add_argument("--lora_targets", default=None,
                    help="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear; default: square layers")
     args = p.parse_args(argv)

@@ -265,6 +265,5 @@ def test_completion_mention_and_several_weights(out, tok, tmp_path, capsys):
 
 
 def test_several_weights_need_eval(out, capsys):
-    with pytest.raises(SystemExit):
-        eval_llm.main(base_args(out, "--weight", "full_sft,pretrain", "--prompt", "hi"))
+    assert eval_llm.main(base_args(out, "--weight", "full_sft,pretrain", "--prompt", "hi")) == 2
     assert "several --weight values are for --eval" in capsys.readouterr().err

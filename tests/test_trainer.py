@@ -79,7 +79,7 @@ def test_pack_flag(tmp_path, data, capsys):
                                                  "--pack", "1", "--max_steps", "3"], capsys)
     assert code == 0, log
     ckpt = safe_torch_load(tmp_path / "checkpoints" / "pretrain_64_resume.pth")
-    assert "packed rows of 64 tokens" in log and ckpt["step"] == 3
+    assert "packed into 187 rows of 64 tokens" in log and ckpt["step"] == 3
     assert ckpt["tokens_seen"] == 3 * 4 * 64  # no pads: every row is 64 real tokens
     code, log, err = run(train_pretrain.main, TINY + ["--save_dir", str(tmp_path / "p0"), "--data_path",
                                                  str(data["pretrain"]), "--max_steps", "3"], capsys)
@@ -234,9 +234,10 @@ def sft_base(tmp_path, data, capsys):
 def test_lora_trains_only_the_adapter(sft_base, data, capsys):
     base = safe_torch_load(sft_base / "full_sft_64.pth")
     code, log, _ = run(train_lora.main, TINY + ["--save_dir", str(sft_base), "--data_path", str(data["lora"]),
-                                            "--max_steps", "6", "--lora_rank", "4"], capsys)
+                                            "--max_steps", "6", "--lora_rank", "4", "--lora_targets", "square"],
+                      capsys)
     assert code == 0, log
-    assert "trainable" in log and "lora_identity: 6 steps" in log
+    assert "parameters train" in log and "lora_identity: 6 steps" in log
     adapter_file = sft_base / "lora" / "lora_identity_64.pth"
     adapter = safe_torch_load(adapter_file)
     weights = {k: v for k, v in adapter.items() if k != "__lora_config__"}

@@ -1,45 +1,92 @@
 """Train a LoRA adapter on a frozen base (default: out/full_sft_{h}.pth):
-python trainer/train_lora.py --lora_name lora_identity [flags]
-The adapter alone is saved, to {save_dir}/lora/{lora_name}_{h}.pth."""
+python trainer/train_lora.py --data_path my_task.jsonl          # adapter named my_task
+python trainer/train_lora.py --lora_name lora_identity          # the demo's data: dataset/demo/lora_identity.jsonl
+The adapter alone is saved, to {save_dir}/lora/{lora_name}_{h}.pth; an existing one is kept unless --overwrite 1.
+The defaults are a recipe that teaches a small file (tens of conversations) on the demo base: all linear layers,
+rank 16, as many epochs as about 300 optimizer steps take, and the base's own chat data replayed beside it so
+its general answers survive. MiniMind's rule (q_proj,o_proj, rank 8) is `--lora_targets square --lora_rank 8`."""
+import json
+import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.lm_dataset import SFTDataset  # noqa: E402
-from model.model_lora import (apply_lora, load_lora_state_dict, lora_parameters, lora_state_dict,  # noqa: E402
-                              save_lora, trainable_summary)
-from trainer.trainer_utils import DEMO_DIR, build_parser, fit, run_main  # noqa: E402
+from model.model_lora import (CONFIG_KEY, adapter_config, apply_lora, load_lora_state_dict,  # noqa: E402
+                              lora_parameters, lora_state_dict, save_lora, trainable_summary)
+from trainer.trainer_utils import (DEMO_DIR, TrainError, build_parser, fit, nonnegative_float,  # noqa: E402
+                                   positive_int, run_main)
+
+DEMO_ADAPTERS = ("lora_identity", "lora_medical")
 
 
 def main(argv=None):
     parser = build_parser(__doc__, save_weight=None, data_path=None, from_weight="full_sft",
-                          learning_rate=2e-3, batch_size=16, epochs=4)
-    parser.add_argument("--lora_name", default="lora_identity", help="adapter name; also the output file's prefix")
-    parser.add_argument("--lora_rank", type=int, default=8)
-    parser.add_argument("--lora_alpha", type=float, default=16)
-    parser.add_argument("--lora_dropout", type=float, default=0.0)
-    parser.add_argument("--lora_targets", default=None,
-                        help="comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear "
-                             "(default: MiniMind's rule, the square projections: q_proj,o_proj under GQA)")
+                          learning_rate=2e-3, batch_size=16, epochs=None, auto_epochs_steps=300)
+    parser.add_argument("--lora_name", default=None,
+                        help="adapter name and output prefix (default: the --data_path file's name, else "
+                             "lora_identity)")
+    parser.add_argument("--lora_rank", type=positive_int, default=16, help="r: the adapter's inner width")
+    parser.add_argument("--lora_alpha", type=nonnegative_float, default=32, help="scale = alpha / r")
+    parser.add_argument("--lora_dropout", type=nonnegative_float, default=0.0, help="dropout on the adapter's input")
+    parser.add_argument("--lora_targets", default="all-linear",
+                        help="comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, all-linear, "
+                             "or square (MiniMind's rule: the square projections, q_proj,o_proj under GQA)")
     parser.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    parser.add_argument("--replay_data", default="auto",
+                        help="general chat jsonl mixed into training so the base's answers survive; auto: the "
+                             "chat data the base was trained on (its .json records it), none: no replay")
+    parser.add_argument("--replay_ratio", type=nonnegative_float, default=1.0,
+                        help="replay samples per task sample, drawn afresh each epoch")
+    parser.add_argument("--overwrite", type=int, default=0, choices=[0, 1], help="1: replace an existing adapter file")
+    parser.set_defaults(epochs=None)
+    for action in parser._actions:
+        if action.dest == "epochs":
+            action.help = "passes over the data (default: enough for about 300 optimizer steps)"
     args = parser.parse_args(argv)
+    if args.lora_name is None:
+        args.lora_name = Path(args.data_path).stem if args.data_path else "lora_identity"
+    if not re.fullmatch(r"[\w\-]+", args.lora_name):
+        fixed = re.sub(r"[^\w\-]", "_", args.lora_name)
+        raise TrainError(f"--lora_name {args.lora_name!r}: an adapter name may hold letters, digits, '_' and '-' "
+                         f"only (it becomes a module key and a file name); use --lora_name {fixed}")
     args.save_weight = args.save_weight or args.lora_name
-    # --lora_name alone picks the matching demo file, as MiniMind's dataset/lora_{task}.jsonl
-    args.data_path = args.data_path or str(DEMO_DIR / f"{args.lora_name}.jsonl")
-    out = Path(args.save_dir) / "lora" / f"{args.lora_name}_{args.hidden_size}.pth"
+    if args.data_path is None:  # --lora_name alone picks the matching demo file, as MiniMind's lora_{task}.jsonl
+        demo_file = DEMO_DIR / f"{args.lora_name}.jsonl"
+        if not demo_file.is_file() and args.lora_name not in DEMO_ADAPTERS:
+            raise TrainError(f"--lora_name {args.lora_name}: no demo data {demo_file}; pass your data with "
+                             f"--data_path FILE (the demo's adapters: {', '.join(DEMO_ADAPTERS)})")
+        args.data_path = str(demo_file)
+
+    def out_path():  # the base's width decides {h}, known once it is loaded
+        return Path(args.save_dir) / "lora" / f"{args.lora_name}_{args.hidden_size}.pth"
 
     def prepare(model):
+        out = out_path()
+        if out.exists() and not args.overwrite and not args.from_resume:
+            raise TrainError(f"{out} exists; pass --overwrite 1 to replace it, or --lora_name NAME to save another "
+                             f"adapter")
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                    target_modules=args.lora_targets, use_rslora=args.use_rslora, adapter_name=args.lora_name)
-        print(trainable_summary(model))
-        return lora_parameters(model, args.lora_name)
+        summary = trainable_summary(model)
+        return lora_parameters(model, args.lora_name), summary[:summary.index("; trainable")]
+
+    def resume(model, state):
+        saved, want = json.loads(state.get(CONFIG_KEY) or "{}"), adapter_config(model, args.lora_name)
+        shape = ("rank", "target_modules")
+        if saved and any(saved.get(k) != want[k] for k in shape):
+            raise TrainError(f"the resume checkpoint's adapter is rank {saved.get('rank')} on "
+                             f"{','.join(saved.get('target_modules') or [])}, this run's rank {want['rank']} on "
+                             f"{','.join(want['target_modules'])}; resume with --lora_rank {saved.get('rank')} "
+                             f"--lora_targets {','.join(saved.get('target_modules') or [])}, or start again without "
+                             f"--from_resume")
+        load_lora_state_dict(model, state, args.lora_name, source="the resume checkpoint's adapter")
 
     return fit(args, SFTDataset, prepare_model=prepare,
-               save=lambda model: save_lora(model, out, args.lora_name),
+               save=lambda model: save_lora(model, out_path(), args.lora_name),
                trainable_state=lambda model: lora_state_dict(model, args.lora_name),
-               load_trainable_state=lambda model, state: load_lora_state_dict(
-                   model, state, args.lora_name, source="the resume checkpoint's adapter"))
+               load_trainable_state=resume)
 
 
 if __name__ == "__main__":

@@ -92,11 +92,12 @@ def tokenizer_config(model_max_length=32768):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    formatter = type("Formatter", (argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter), {})
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--data_path", nargs="+", default=None,
                         help="jsonl files (default: dataset/demo/pretrain.jsonl and sft.jsonl)")
-    parser.add_argument("--vocab_size", type=int, default=6400)
-    parser.add_argument("--out_dir", default=str(REPO / "model"))
+    parser.add_argument("--vocab_size", type=int, default=6400, help="the most tokens the BPE may have")
+    parser.add_argument("--out_dir", default=str(REPO / "model"), help="where tokenizer.json goes")
     args = parser.parse_args(argv)
 
     paths = [Path(p) for p in args.data_path] if args.data_path else default_data_paths()

@@ -10,6 +10,7 @@ Notable choices:
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import random
@@ -31,7 +32,8 @@ if str(REPO_ROOT) not in sys.path:  # scripts run as `python trainer/train_x.py`
 from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, load_state_dict_strict,  # noqa: E402
                               safe_torch_load, save_model, unwrap)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
-from dataset.lm_dataset import DataError, LengthGroupedBatchSampler, PackedDataset, PadCollator  # noqa: E402
+from dataset.lm_dataset import (DataError, LengthGroupedBatchSampler, PackedDataset, PadCollator,  # noqa: E402
+                                ReplayMix, SFTDataset)
 
 DEMO_DIR = REPO_ROOT / "dataset" / "demo"
 
@@ -40,42 +42,106 @@ class TrainError(RuntimeError):
     """Bad input or a failed run; main() prints the message as one line and exits."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, refused in one line by the parser otherwise."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be 1 or more")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be 0 or more")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be a finite number above 0")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not allowed: must be a finite number, 0 or more")
+    return value
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default in --help (a None or False default says nothing: its help tells); the description's
+    own line breaks kept."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+# A fresh model's shape. With --from_weight the weights decide, and a flag given by hand must agree with them.
+FRESH_SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with --help showing every default, and a bad flag refused in one line."""
+
+    def __init__(self, **kw):
+        super().__init__(formatter_class=HelpFormatter, **kw)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        ns.given_shape = {k: getattr(ns, k) for k in FRESH_SHAPE if getattr(ns, k, None) is not None}
+        for k, v in FRESH_SHAPE.items():
+            if getattr(ns, k, v) is None:
+                setattr(ns, k, v)
+        return ns
+
+
 def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
-    """The flags MiniMind users know, with each trainer's defaults."""
-    p = argparse.ArgumentParser(description=description)
+    """The flags MiniMind users know, with each trainer's defaults; --help shows every default."""
+    p = Parser(description=description)
     a = p.add_argument
     a("--save_dir", default=str(REPO_ROOT / "out"), help="where weights go (adapters in its lora/ folder)")
     a("--save_weight", default=defaults.pop("save_weight"), help="output name prefix: {save_weight}_{hidden}.pth")
     data_path = defaults.pop("data_path")
     a("--data_path", default=str(data_path) if data_path else None, help="jsonl training data")
-    a("--epochs", type=int, default=1)
-    a("--batch_size", type=int, default=16, help="per process, per micro-batch")
-    a("--learning_rate", type=float, default=5e-4)
-    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu")
+    a("--epochs", type=positive_int, default=1, help="passes over the training data")
+    a("--batch_size", type=positive_int, default=16, help="samples per process, per micro-batch")
+    a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (AdamW; warmup, then cosine)")
+    a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
       help="autocast dtype on CUDA; the CPU trains in float32")
-    a("--num_workers", type=int, default=0)
-    a("--accumulation_steps", type=int, default=1)
-    a("--grad_clip", type=float, default=1.0)
-    a("--warmup_steps", type=int, default=None, help="linear warmup (default: 2%% of the steps)")
-    a("--log_interval", type=int, default=10)
-    a("--save_interval", type=int, default=200)
+    a("--num_workers", type=nonnegative_int, default=0, help="DataLoader worker processes")
+    a("--accumulation_steps", type=positive_int, default=1, help="micro-batches per optimizer step")
+    a("--grad_clip", type=nonnegative_float, default=1.0, help="clip the gradient norm to this (0: off)")
+    a("--warmup_steps", type=nonnegative_int, default=None, help="linear warmup steps (default: 2%% of the steps)")
+    a("--log_interval", type=positive_int, default=10, help="optimizer steps per log line and loss-curve point")
+    a("--save_interval", type=positive_int, default=200, help="optimizer steps between saves (and at the end)")
     a("--eval_data_path", default=None, help="held-out jsonl scored every --eval_interval steps and at the end")
-    a("--eval_interval", type=int, default=0)
-    a("--eval_batches", type=int, default=20)
-    a("--hidden_size", type=int, default=256)
-    a("--num_hidden_layers", type=int, default=4)
-    a("--num_attention_heads", type=int, default=8)
-    a("--num_key_value_heads", type=int, default=4)
-    a("--intermediate_size", type=int, default=None, help="MLP width (default: ceil(hidden_size * pi / 64) * 64)")
-    a("--max_seq_len", type=int, default=256)
+    a("--eval_interval", type=nonnegative_int, default=0, help="optimizer steps between held-out scores (0: end only)")
+    a("--eval_batches", type=positive_int, default=20, help="batches of --eval_data_path per score")
+    a("--hidden_size", type=positive_int, default=None,
+      help="model width, the {hidden} in file names (default: a fresh model's 256; else the base weights')")
+    a("--num_hidden_layers", type=positive_int, default=None, help="decoder layers (default: a fresh model's 4)")
+    a("--num_attention_heads", type=positive_int, default=None, help="query heads (default: a fresh model's 8)")
+    a("--num_key_value_heads", type=positive_int, default=None, help="key/value heads, GQA (default: a fresh "
+                                                                     "model's 4)")
+    a("--intermediate_size", type=int, default=None,
+      help="MLP width of a fresh model (default: ceil(hidden_size * pi / 64) * 64)")
+    a("--max_seq_len", type=positive_int, default=256, help="tokens per sample; longer samples are cut")
     a("--from_weight", default=defaults.pop("from_weight"), help="base weights to start from ('none': random)")
     a("--from_resume", type=int, default=0, choices=[0, 1], help="1: continue from the last resume checkpoint")
-    a("--use_wandb", action="store_true")
-    a("--wandb_project", default="MiniMind")
-    a("--use_compile", type=int, default=0, choices=[0, 1])
-    a("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0: run all epochs)")
-    a("--seed", type=int, default=42)
+    a("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    a("--wandb_project", default="MiniMind", help="the wandb project")
+    a("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
+    a("--max_steps", type=nonnegative_int, default=0, help="stop after this many optimizer steps (0: run all epochs)")
+    a("--seed", type=int, default=42, help="seeds initialisation, data order and dropout")
     a("--skip_bad_lines", action="store_true", help="skip and count malformed data lines instead of stopping")
     a("--group_by_length", type=int, default=1, choices=[0, 1],
       help="1: batch samples of similar length together (less padding); 0: plain random batches")
@@ -157,9 +223,15 @@ def init_model(args, tokenizer_vocab: int) -> MiniMindForCausalLM:
         raise TrainError(f"--from_weight {args.from_weight}: {path} does not exist; make it first with `{make}`"
                          f" (same --hidden_size {args.hidden_size})")
     try:
-        model = load_model(path, hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers)
+        model = load_model(path)  # the sidecar's config, or the tensors' shapes
     except CheckpointError as e:
         raise TrainError(str(e)) from None
+    for flag, given in getattr(args, "given_shape", {}).items():
+        if getattr(model.config, flag) != given:
+            raise TrainError(f"--{flag} {given}, but --from_weight {path} holds a model with {flag} "
+                             f"{getattr(model.config, flag)}; drop --{flag} (the weights decide) or pick other weights")
+    for flag in FRESH_SHAPE:  # file names ({name}_{hidden}) and the resume check follow the weights
+        setattr(args, flag, getattr(model.config, flag))
     if model.config.vocab_size != tokenizer_vocab:
         raise TrainError(f"{path}: vocab size {model.config.vocab_size} differs from the tokenizer's "
                          f"{tokenizer_vocab}; train with the tokenizer the base was trained with")
@@ -193,6 +265,15 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+MIN_USEFUL_STEPS = 50  # below this the plan line warns
+
+
+def replay_key(args) -> tuple:
+    """What a resume must match of the replay mix: (file, ratio), or (none, 0)."""
+    replay = getattr(args, "replay_path", None)
+    return (str(replay), float(args.replay_ratio)) if replay else ("none", 0.0)
+
+
 class NonFiniteLoss(TrainError):
     pass
 
@@ -211,9 +292,11 @@ class TrainState:
 
 def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, trainable: list,
           save: Callable[[torch.nn.Module], Path], trainable_state: Callable[[torch.nn.Module], dict],
-          load_trainable_state: Callable[[torch.nn.Module, dict], None], eval_dataset=None) -> TrainState:
+          load_trainable_state: Callable[[torch.nn.Module, dict], None], eval_dataset=None,
+          plan: tuple = ("", "")) -> TrainState:
     """Train `trainable` parameters of `model` on `dataset`; `save(model)` writes the result and returns its path.
-    trainable_state/load_trainable_state carry what a resume checkpoint needs of the model."""
+    trainable_state/load_trainable_state carry what a resume checkpoint needs of the model. plan: (what the data
+    is, what trains), printed with the step count before the first step."""
     if len(dataset) < args.batch_size * rt.world_size:
         raise TrainError(f"{args.data_path}: {len(dataset)} samples, fewer than one global batch "
                          f"(--batch_size {args.batch_size} x {rt.world_size} processes); lower --batch_size")
@@ -228,6 +311,8 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                                         lengths=np.full(len(dataset), args.max_seq_len) if packed else None)
     batches_per_epoch = len(sampler)
     steps_per_epoch = batches_per_epoch // args.accumulation_steps
+    if args.epochs is None:  # train_lora's default: a small file gets as many passes as a useful run needs
+        args.epochs = max(1, math.ceil(args.auto_epochs_steps / max(steps_per_epoch, 1)))
     total_steps = steps_per_epoch * args.epochs
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps) if total_steps else args.max_steps
@@ -235,6 +320,15 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
         raise TrainError(f"{args.data_path}: one epoch is {batches_per_epoch} batches, fewer than "
                          f"--accumulation_steps {args.accumulation_steps}; lower it or --batch_size")
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 50)
+    # A short run logs more often, so its loss curve has points to show.
+    log_every = args.log_interval if total_steps >= 20 * args.log_interval else max(1, total_steps // 20)
+    if rt.is_main:
+        print(f"plan: {plan[0]}; {args.epochs} epochs x {steps_per_epoch} steps = {total_steps} optimizer steps "
+              f"(batch {args.batch_size} x {args.accumulation_steps} accumulation x {rt.world_size} processes)"
+              + (f"; {plan[1]}" if plan[1] else ""), flush=True)
+        if total_steps < MIN_USEFUL_STEPS:
+            print(f"warning: {total_steps} optimizer steps are too few to learn much (fewer than {MIN_USEFUL_STEPS}); "
+                  f"raise --epochs (one epoch is {steps_per_epoch} steps) or lower --batch_size", flush=True)
 
     state = TrainState()
     resume_path = Path(args.save_dir) / "checkpoints" / f"{args.save_weight}_{args.hidden_size}_resume.pth"
@@ -265,7 +359,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                            "tokens_seen": state.tokens_seen, "history": state.history,
                            "world_size": rt.world_size, "batch_size": args.batch_size,
                            "accumulation_steps": args.accumulation_steps, "rng": rng_state(),
-                           "pack": args.pack, "max_seq_len": args.max_seq_len,
+                           "pack": args.pack, "max_seq_len": args.max_seq_len, "replay": replay_key(args),
                            "wandb_id": getattr(wandb_run, "id", None)}, resume_path)
         return path
 
@@ -275,9 +369,9 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     model.train()
     try:
         while state.step < total_steps and state.epoch < args.epochs:
-            sampler.set_epoch(state.epoch)
-            if packed:
+            if hasattr(dataset, "set_epoch"):  # packed rows and replay draws change per epoch
                 dataset.set_epoch(state.epoch)
+            sampler.set_epoch(state.epoch)
             loader = DataLoader(dataset, batch_sampler=list(sampler)[state.batches_in_epoch:], collate_fn=collate,
                                 num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
             group = []
@@ -295,7 +389,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                 state.tokens_seen += sum(int((b["input_ids"] != collate.pad_id).sum()) for b in group) * rt.world_size
                 group = []
                 is_last = state.step >= total_steps
-                if state.step % args.log_interval == 0 or is_last:
+                if state.step % log_every == 0 or is_last:
                     mean_loss = _checked_loss(running_loss, rt, state, last_good_save) / (state.step - last_log_step)
                     now = time.time()
                     tok_s = (state.tokens_seen - last_log_tokens) / max(now - last_log_time, 1e-9)
@@ -442,6 +536,10 @@ def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state
     if layout != (args.pack, args.max_seq_len):  # the saved data position counts rows of that layout
         raise TrainError(f"{path}: saved with --pack {layout[0]} --max_seq_len {layout[1]}; resume with the same "
                          f"values")
+    saved_replay = ckpt.get("replay", replay_key(args))
+    if list(saved_replay) != list(replay_key(args)):  # and batches of that mix
+        raise TrainError(f"{path}: saved with --replay_data {saved_replay[0]} --replay_ratio {saved_replay[1]:g}; "
+                         f"resume with the same values")
     try:
         load_trainable_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -477,7 +575,7 @@ def plot_loss(history, path: Path, title: str) -> Optional[Path]:
     if not train_pts:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot(*zip(*train_pts), label="train loss")
+    ax.plot(*zip(*train_pts), "o-" if len(train_pts) < 30 else "-", label="train loss")  # a short run's points show
     if eval_pts:
         ax.plot(*zip(*eval_pts), "o-", label="eval loss")
     ax.set_xlabel("optimizer step")
@@ -499,8 +597,10 @@ def load_full_state(model, state_dict: dict) -> None:
 
 def fit_full(args, dataset_cls) -> "TrainState":
     """fit() for full-parameter training (pretrain, full SFT): every weight trains; {save_weight}_{h}.pth is saved."""
-    return fit(args, dataset_cls, prepare_model=lambda model: list(model.parameters()),
-               save=lambda model: save_model(model, weight_path(args.save_dir, args.save_weight, args.hidden_size)),
+    trained_on = {"trained_on": {"stage": args.save_weight, "data_path": str(Path(args.data_path).resolve())}}
+    return fit(args, dataset_cls, prepare_model=lambda model: (list(model.parameters()), "every weight"),
+               save=lambda model: save_model(model, weight_path(args.save_dir, args.save_weight, args.hidden_size),
+                                             extra_config=trained_on),
                trainable_state=lambda model: model.state_dict(), load_trainable_state=load_full_state)
 
 
@@ -514,6 +614,8 @@ def run_main(main_fn, argv=None) -> int:
     try:
         main_fn(argv)
         return 0
+    except SystemExit as e:  # argparse: --help, or a refused flag (already printed)
+        return e.code if isinstance(e.code, int) else 2
     except (TrainError, DataError, CheckpointError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -524,7 +626,8 @@ def run_main(main_fn, argv=None) -> int:
 def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_state: Callable,
         load_trainable_state: Callable) -> TrainState:
     """What every trainer does around the loop: runtime, tokenizer, data, model, train, plot, report.
-    prepare_model(model) -> list of trainable parameters (and applies LoRA, for train_lora)."""
+    prepare_model(model) -> (list of trainable parameters, a few words on what trains) (applies LoRA, for
+    train_lora)."""
     from model.tokenizer import Tokenizer
     if args.max_seq_len < 2:
         raise TrainError(f"--max_seq_len {args.max_seq_len}: a sample needs at least 2 tokens (one to read, one to "
@@ -536,24 +639,37 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
     if args.skip_bad_lines and dataset.n_skipped and rt.is_main:
         print(f"{args.data_path}: skipped {dataset.n_skipped} malformed lines")
     dataset.check_targets()
-    if args.pack:
-        dataset = PackedDataset(dataset, args.max_seq_len, seed=args.seed)
     eval_dataset = dataset_cls(args.eval_data_path, tokenizer, args.max_seq_len) if args.eval_data_path else None
     if eval_dataset is not None:
         eval_dataset.check_targets()
     model = init_model(args, tokenizer.vocab_size)
-    trainable = prepare_model(model)
+    data_plan = f"{len(dataset)} samples of {Path(args.data_path).name}"
+    args.replay_path = replay_file(args, model)
+    if args.replay_path:
+        dataset = ReplayMix(dataset, SFTDataset(args.replay_path, tokenizer, args.max_seq_len), args.replay_ratio,
+                            seed=args.seed)
+        dataset.check_targets()
+        data_plan += f" + {dataset.n_replay} replay samples per epoch from {args.replay_path}"
+    elif getattr(args, "replay_data", None) is not None:
+        data_plan += " (no replay)"
+    if not args.pack:
+        checked, cut, no_target = dataset.cut_counts()
+        of = "" if checked == len(dataset) else f" of the first {checked}"
+        data_plan += f"; --max_seq_len {args.max_seq_len} cuts {cut}{of} samples"
+        if no_target:
+            data_plan += f", {no_target} of them before their first answer token (no loss from them)"
+    else:
+        dataset = PackedDataset(dataset, args.max_seq_len, seed=args.seed)
+        data_plan += f", packed into {len(dataset)} rows of {args.max_seq_len} tokens"
+    trainable, what_trains = prepare_model(model)
     collate = PadCollator(tokenizer.pad_token_id)
-    if rt.is_main:
-        n_train = sum(p.numel() for p in trainable)
-        print(f"{args.save_weight}: {model.num_parameters() / 1e6:.2f}M parameters, {n_train / 1e6:.3f}M trainable "
-              f"({100 * n_train / model.num_parameters():.2f}%), {len(dataset)} "
-              + (f"packed rows of {args.max_seq_len} tokens" if args.pack else "samples") + f", device {rt.device}"
-              + (f", {rt.world_size} processes" if rt.world_size > 1 else ""))
+    n_train = sum(p.numel() for p in trainable)
+    model_plan = (f"{what_trains + ', ' if what_trains else ''}{n_train / 1e6:.3f}M of "
+                  f"{model.num_parameters() / 1e6:.2f}M parameters train, device {rt.device}")
     t0 = time.time()
     state = train(args, rt, model, dataset, collate, trainable=trainable, save=save,
                   trainable_state=trainable_state, load_trainable_state=load_trainable_state,
-                  eval_dataset=eval_dataset)
+                  eval_dataset=eval_dataset, plan=(data_plan, model_plan))
     if rt.is_main:
         elapsed = time.time() - t0
         plot = plot_loss(state.history, Path(args.save_dir) / f"{args.save_weight}_{args.hidden_size}_loss.png",
@@ -562,3 +678,35 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
         print(f"{args.save_weight}: {state.step} steps in {elapsed:.0f}s, final loss {last:.4f}, "
               f"{state.tokens_seen / max(elapsed, 1e-9):,.0f} tokens/s" + (f"; loss curve {plot}" if plot else ""))
     return state
+
+
+def replay_file(args, model) -> Optional[str]:
+    """--replay_data: a chat file, 'none', or 'auto': the chat data the base was trained on, as its sidecar
+    records it (train_full_sft writes it), when that file is still there."""
+    choice = getattr(args, "replay_data", None)
+    if choice in (None, "none", ""):
+        return None
+    if choice != "auto":
+        if not Path(choice).is_file():
+            raise TrainError(f"--replay_data {choice}: no such file; pass a chat jsonl of general conversations, "
+                             f"or --replay_data none")
+        return choice
+    recorded = (read_sidecar(getattr(model, "name_or_path", None)).get("trained_on") or {}).get("data_path")
+    if not recorded or not Path(recorded).is_file() or not _is_chat_file(recorded):
+        return None
+    return recorded
+
+
+def read_sidecar(weight) -> dict:
+    from model.checkpoint import config_path
+    try:
+        d = json.loads(config_path(weight).read_text(encoding="utf-8")) if weight else {}
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _is_chat_file(path) -> bool:
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    return b'"conversations"' in first
