@@ -566,6 +566,36 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
     return adapter_name
 
 
+_CONFIG_FIELDS = {"rank": "an integer of at least 1", "alpha": "a finite number", "dropout": "a finite number",
+                  "use_rslora": "true or false", "base": "an object"}
+
+
+def _bank_config(raw, source: str) -> Optional[dict]:
+    """An adapter file's config as a dict whose fields the bank reads have the right types (None: no config)."""
+    if raw is None:
+        return None
+    try:
+        config = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        raise LoRAError(f"{source}: the adapter's config is not valid JSON; {REPLACE_HINT}") from None
+    if not isinstance(config, dict):
+        raise LoRAError(f"{source}: the adapter's config is a JSON {type(config).__name__}, not an object")
+    for key, expected in _CONFIG_FIELDS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if key == "use_rslora":
+            ok = isinstance(value, bool)
+        elif key == "base":
+            ok = isinstance(value, dict)
+        else:  # JSON's true is not a number here, and Python's json reads NaN and Infinity
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ok = ok and (key != "rank" or (isinstance(value, int) and value >= 1))
+        if not ok:
+            raise LoRAError(f"{source}: the adapter's config has a wrong {key!r}; expected {expected}")
+    return config
+
+
 class AdapterBank:
     """Many adapters in one batch, each row with its own (S-LoRA's and Punica's idea in plain PyTorch).
     Every projection keeps the resident adapters' A and B stacked in slots (`bank_A`: slots x max_rank x in,
@@ -590,17 +620,35 @@ class AdapterBank:
         self.row_scale: Optional[torch.Tensor] = None
 
     def check(self, path) -> tuple[dict, float]:
-        """Read an adapter file and check it fits this base and the bank's rank: ({module: (A, B)}, scale).
-        Raises LoRAError with a one-line message otherwise."""
+        """Read an adapter file and check all of it fits this bank: ({module: (A, B)}, scale). A server reads files
+        again long after registering them, so anything wrong with one becomes a one-line LoRAError, never a crash."""
         source = str(path)
-        pairs, config = _parse_adapter(read_lora_file(path), source)
-        _check_fits_base(self.root, pairs, config, source)
-        rank = next(iter(pairs.values()))[0].shape[0]
-        if rank > self.max_rank:
-            raise LoRAError(f"{source}: rank {rank} is above the bank's maximum {self.max_rank}; "
-                            f"start the server with --max_lora_rank {rank} or more")
-        config = config or {}  # no config: a MiniMind file, scale 1
-        return pairs, lora_scale(config.get("alpha", rank), rank, bool(config.get("use_rslora", False)))
+        try:
+            state = read_lora_file(path)
+            config = _bank_config(state.get(CONFIG_KEY), source)
+            pairs, config = _parse_adapter({**state, CONFIG_KEY: config} if config is not None else state, source)
+            _check_fits_base(self.root, pairs, config, source)
+            foreign = next((m for m in pairs if m not in self.layers), None)
+            if foreign is not None:  # e.g. lm_head: a linear layer of the model, but no slot holds it
+                raise LoRAError(f"{source}: {foreign} is not a layer the bank serves; adapters here cover only "
+                                f"{', '.join(PROJECTIONS)}")
+            for module, (a, b) in pairs.items():
+                if a.shape[0] < 1:
+                    raise LoRAError(f"{source}: {module} has rank 0")
+                if not (a.is_floating_point() and b.is_floating_point() and a.isfinite().all() and b.isfinite().all()):
+                    raise LoRAError(f"{source}: {module} holds values that are not finite floats")
+        except LoRAError:
+            raise
+        except Exception as e:  # whatever else a damaged or hostile file trips; named by type only, never by content
+            raise LoRAError(f"{source}: not a usable adapter file ({type(e).__name__}); {REPLACE_HINT}") from None
+        ranks = sorted({a.shape[0] for a, _ in pairs.values()})
+        if ranks[-1] > self.max_rank:  # every module, not only the first: a larger one would not fit its slot
+            raise LoRAError(f"{source}: rank {ranks[-1]} is above the bank's maximum {self.max_rank}; "
+                            f"start the server with --max_lora_rank {ranks[-1]} or more")
+        if config is not None and len(ranks) > 1:  # one scale per slot, so alpha / r must be one number
+            raise LoRAError(f"{source}: modules have ranks {ranks}; an adapter with a config has one rank")
+        config = config or {}  # no config: a MiniMind file, scale 1 in every module whatever its rank
+        return pairs, lora_scale(config.get("alpha", ranks[0]), ranks[0], bool(config.get("use_rslora", False)))
 
     @torch.no_grad()
     def load(self, slot: int, path) -> None:

@@ -563,20 +563,26 @@ class _ChunkedLMHeadLoss(torch.autograd.Function):
                 (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None, None)
 
 
+MIN_TEMPERATURE = 1e-5  # below it, logits / temperature leave float32's range: treated as greedy
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, top_k: int,
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw after temperature, top-k and top-p
-    (from `generator`, so a seeded request draws the same tokens whoever else is in the batch)."""
-    if temperature <= 0:
+    """Next token per row: argmax at temperature 0 (or below MIN_TEMPERATURE), else a draw after temperature, top-k
+    and top-p (from `generator`, so a seeded request draws the same tokens whoever else is in the batch). Finite
+    logits never give NaN: the division is done in float32 after moving each row's largest logit to 0."""
+    if temperature < MIN_TEMPERATURE:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # <= 0 everywhere: exp cannot overflow
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
+        probs = sorted_logits.softmax(-1)
         # Drop a token once the mass before it already reaches top_p; the first token always stays.
-        drop = (cum - sorted_logits.softmax(-1)) >= top_p
+        drop = (probs.cumsum(-1) - probs) >= top_p
+        drop[:, 0] = False
         logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
     return torch.multinomial(logits.softmax(-1), num_samples=1, generator=generator).squeeze(1)

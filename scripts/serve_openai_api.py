@@ -7,13 +7,20 @@ curl http://127.0.0.1:8998/v1/chat/completions -H 'Content-Type: application/jso
 The request's `model` names the base (`GET /v1/models` lists it first) or an adapter; one engine batches all
 requests continuously, each row with its own adapter (model/engine.py). `GET /` is a chat page. Runtime
 adapter loading (`POST /v1/load_lora_adapter`, `/v1/unload_lora_adapter`) reads files named by the client,
-so it is off unless --allow_runtime_lora; --api_key makes every /v1 endpoint ask for `Authorization: Bearer`.
+so it is off unless --allow_runtime_lora, and then reads only under --lora_root; --api_key makes every /v1
+endpoint ask for `Authorization: Bearer`.
+
+No client can break the server for others: bodies are capped (--max_request_bytes), sampling parameters that
+cannot work are refused (top_p must be above 0; a temperature below 1e-5 is greedy), stop strings are bounded,
+each request has a timeout (--request_timeout), and a request whose generation fails gets its own error while the
+batch goes on. If the engine thread ever dies, /health answers 503 and the process exits with code 1.
 """
 import argparse
 import asyncio
 import json
 import secrets
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +41,10 @@ from model.tokenizer import Tokenizer  # noqa: E402
 PAGE = Path(__file__).resolve().parent / "chat_page.html"
 ROLES = ("system", "user", "assistant")
 MAX_STOP = 4  # OpenAI allows up to 4 stop strings
+MAX_STOP_CHARS = 1024  # per stop string: longer ones only cost time, a reply rarely holds one
+MAX_REQUEST_BYTES = 1 << 20  # a prompt fits max_seq_len tokens, far below this
+ADAPTER_SUFFIXES = (".pth", ".safetensors")
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,20 +62,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--max_loras", type=int, default=8, help="adapters resident at once; more can be registered")
     a("--max_lora_rank", type=int, default=16, help="the largest adapter rank the server accepts")
     a("--allow_runtime_lora", action="store_true", help="enable /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    a("--lora_root", default=None, help="runtime loading reads adapters only inside this folder, symlinks resolved; "
+                                        "a relative lora_path is taken from it (default: {save_dir}/lora)")
+    a("--max_request_bytes", type=int, default=MAX_REQUEST_BYTES, help="larger request bodies are refused (413)")
+    a("--request_timeout", type=float, default=600.0, help="seconds a request may wait and generate before it is "
+                                                            "ended with an error (408) and its row freed; 0: no limit")
     a("--api_key", default=None, help="require `Authorization: Bearer KEY` on every /v1 endpoint")
     a("--compile", action="store_true", help="decode with a static KV cache and a torch.compile'd step, compiled "
       "for every batch bucket before serving (cached in {save_dir}/compile_cache for the next start)")
     args = p.parse_args(argv)
-    for flag in ("max_batch", "max_seq_len", "max_loras", "max_lora_rank"):
+    for flag in ("max_batch", "max_seq_len", "max_loras", "max_lora_rank", "max_request_bytes"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag} must be at least 1")
+    if not args.request_timeout >= 0:
+        p.error("--request_timeout must be 0 (no limit) or more seconds")
+    args.lora_root = args.lora_root or str(Path(args.save_dir) / "lora")
     return args
 
 
 class APIError(Exception):
     """Answered as OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-             404: "not_found_error", 500: "server_error"}
+             404: "not_found_error", 408: "timeout_error", 413: "invalid_request_error", 500: "server_error",
+             503: "service_unavailable_error"}
 
     def __init__(self, status: int, message: str, param=None, code=None):
         super().__init__(message)
@@ -79,7 +99,8 @@ def build_engine(args) -> tuple:
     """(engine, base model name): the base loaded as eval_llm.py loads it, every --lora_weight registered."""
     tok = Tokenizer()
     model = eval_llm.load_base(args, tok, args.weight)
-    engine = Engine(model, tok, args.max_batch, args.max_seq_len, args.max_loras, args.max_lora_rank, args.compile)
+    engine = Engine(model, tok, args.max_batch, args.max_seq_len, args.max_loras, args.max_lora_rank, args.compile,
+                    request_timeout=args.request_timeout or None)
     for spec in eval_llm.split_list(args.lora_weight):
         path = find_adapter(spec, model.config.hidden_size, args.save_dir)
         engine.register(default_adapter_name(path, model), path)
@@ -147,6 +168,10 @@ def parse_chat(body, names, tok, max_seq_len) -> dict:
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"'stop' must be a string or a list of up to {MAX_STOP} non-empty strings", "stop")
+    longest = max(map(len, stop), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise APIError(400, f"each 'stop' string may have at most {MAX_STOP_CHARS} characters; one has {longest}",
+                       "stop")
     stop_ids = body.get("stop_token_ids") or []  # vLLM's extra parameter: token ids that end the reply too
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise APIError(400, "'stop_token_ids' must be a list of token ids", "stop_token_ids")
@@ -160,13 +185,54 @@ def parse_chat(body, names, tok, max_seq_len) -> dict:
     if max_tokens > room:
         raise APIError(400, f"'{key}' is {max_tokens}, but the prompt has {len(prompt)} tokens and max_seq_len is "
                             f"{max_seq_len}: at most {room} are left for the reply", key, "context_length_exceeded")
+    top_p = body.get("top_p")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+        raise APIError(400, f"'top_p' must be a number above 0 and at most 1 (0 would keep no token; temperature 0 is "
+                            f"greedy), got {json.dumps(top_p)}", "top_p")
     return {"model": model, "stream": stream, "include_usage": bool(options.get("include_usage")),
             "prompt": prompt, "max_tokens": max_tokens, "stop": tuple(stop), "stop_token_ids": tuple(stop_ids),
-            "temperature": _number(body, "temperature", 0, 2, 1.0), "top_p": _number(body, "top_p", 0, 1, 1.0),
+            "temperature": _number(body, "temperature", 0, 2, 1.0), "top_p": 1.0 if top_p is None else top_p,
             "seed": _number(body, "seed", -2 ** 63, 2 ** 63 - 1, None, integer=True)}
 
 
-def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora: bool = False) -> FastAPI:
+def runtime_adapter_path(lora_path: str, root) -> Path:
+    """The adapter file or PEFT folder a runtime load names, resolved (symlinks too) inside `root`; APIError(400)
+    otherwise. Refusals say nothing of what lies outside the root, nor of any file's contents."""
+    shown = repr(lora_path if len(lora_path) <= 200 else lora_path[:200] + "...")
+    outside = APIError(400, f"lora_path {shown} is not inside the server's adapter folder; runtime loading reads only "
+                            f"files under --lora_root (a relative lora_path is taken from there)", "lora_path")
+    try:
+        root = Path(root).resolve()
+        path = (root / lora_path).resolve()  # an absolute lora_path replaces root, then must lie under it
+        if not path.is_relative_to(root):
+            raise outside
+        if path.is_dir():  # a PEFT folder: the files in it must not lead out of the root either
+            inner = [path / name for name in PEFT_FILES]
+            if any((f.is_symlink() or f.exists()) and not f.resolve().is_relative_to(root) for f in inner):
+                raise outside
+            return path
+        if not path.is_file():
+            raise APIError(400, f"lora_path {shown}: no such file under --lora_root", "lora_path")
+        if path.suffix not in ADAPTER_SUFFIXES:
+            raise APIError(400, f"lora_path {shown}: an adapter is a {' or '.join(ADAPTER_SUFFIXES)} file or a PEFT "
+                                f"adapter folder", "lora_path")
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except (OSError, ValueError, RuntimeError) as e:  # unreadable, a NUL in the path, a symlink loop
+        raise APIError(400, f"lora_path {shown}: cannot be read ({type(e).__name__})", "lora_path") from None
+    # torch.save writes a zip archive (or, before 1.6, a pickle with torch's magic number); safetensors begins
+    # with the length of its JSON header. Checked here so that no loader's message ever quotes a foreign file.
+    if path.suffix == ".pth":
+        fits = head.startswith((b"PK\x03\x04", b"\x80\x02\x8a\x0a"))
+    else:
+        fits = len(head) == 9 and head[8:9] == b"{"
+    if not fits:
+        raise APIError(400, f"lora_path {shown}: not a {path.suffix} adapter file (wrong format)", "lora_path")
+    return path
+
+
+def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora: bool = False,
+               lora_root=REPO_ROOT / "out" / "lora", max_request_bytes: int = MAX_REQUEST_BYTES) -> FastAPI:
     app = FastAPI(title="MiniMind LoRA server", docs_url=None, redoc_url=None)
     app.state.engine, app.state.base_name = engine, base_name
     created = int(time.time())
@@ -188,13 +254,28 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
         return [base_name] + list(engine.adapters)
 
     async def read_json(request: Request):
+        too_large = APIError(413, f"the request body is larger than this server's limit of {max_request_bytes} bytes "
+                                  f"(--max_request_bytes)")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > max_request_bytes:
+            raise too_large
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked body has no length to check
+            body += chunk
+            if len(body) > max_request_bytes:
+                raise too_large
         try:
-            return json.loads(await request.body())
+            return json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON ({e})")
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON (nested too deeply)")
 
     @app.get("/health")
     async def health():
+        if not engine.alive():  # a dead engine answers no request: say so, so that a supervisor restarts us
+            return JSONResponse({"status": "error", "error": f"the engine is not running ({engine.failure})"},
+                                status_code=503)
         return {"status": "ok", **engine.stats()}
 
     @app.get("/", response_class=HTMLResponse)
@@ -220,10 +301,16 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
             raise APIError(400, "send {\"lora_name\": ..., \"lora_path\": ...}")
         if name == base_name:
             raise APIError(400, f"{name!r} is the base model's name; pick another lora_name", "lora_name")
+        if len(name) > 256 or not name.isprintable():
+            raise APIError(400, "lora_name must be at most 256 printable characters", "lora_name")
         try:
-            await asyncio.to_thread(engine.register, name, path)
+            await asyncio.to_thread(engine.register, name, runtime_adapter_path(path, lora_root))
         except (EngineError, LoRAError) as e:
             raise APIError(400, str(e), "lora_path")
+        except APIError:
+            raise
+        except Exception as e:  # never a 500 for a file: the loaders' own errors are LoRAError, this is a backstop
+            raise APIError(400, f"{name!r} could not be loaded ({type(e).__name__})", "lora_path")
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
     @app.post("/v1/unload_lora_adapter")
@@ -249,8 +336,8 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
                          emit=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
         try:
             engine.submit(req)
-        except EngineError as e:  # e.g. the adapter was unloaded a moment ago
-            raise APIError(404 if "no adapter" in str(e) else 400, str(e))
+        except EngineError as e:  # e.g. the adapter was unloaded a moment ago, or the engine has stopped
+            raise APIError(e.status, str(e))
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": spec["model"]}
         first = await next_event(request, req, events)
         if "error" in first:  # nothing sent yet: a plain HTTP error
@@ -275,6 +362,8 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
             try:
                 return await asyncio.wait_for(events.get(), timeout=1.0)
             except asyncio.TimeoutError:
+                if not engine.alive() and events.empty():  # it ended without a word for this request
+                    return {"error": f"the engine is not running ({engine.failure})", "status": 503}
                 if await request.is_disconnected():
                     engine.cancel(req)
                     raise asyncio.CancelledError
@@ -293,7 +382,9 @@ def create_app(engine: Engine, base_name: str, api_key=None, allow_runtime_lora:
                 yield chunk({"content": event["delta"]})
                 event = await next_event(request, req, events)
             if "error" in event:  # after the first chunk an error can only travel in the stream
-                yield f"data: {json.dumps({'error': {'message': event['error'], 'type': 'server_error'}})}\n\n"
+                status = event.get("status", 500)
+                error = {"message": event["error"], "type": APIError.TYPES.get(status, "error"), "code": status}
+                yield f"data: {json.dumps({'error': error})}\n\n"
             else:
                 yield chunk({}, event["finish_reason"])
                 if include_usage:
@@ -310,22 +401,40 @@ def usage(event: dict) -> dict:
             "total_tokens": event["prompt_tokens"] + event["completion_tokens"]}
 
 
+class EngineDied(RuntimeError):
+    """The engine thread ended on its own; the process exits with code 1 so that a supervisor restarts it."""
+
+
 def run(argv=None) -> None:
     args = parse_args(argv)
     engine, base_name = build_engine(args)
     import uvicorn
-    app = create_app(engine.start(), base_name, args.api_key, args.allow_runtime_lora)
+    app = create_app(engine.start(), base_name, args.api_key, args.allow_runtime_lora, args.lora_root,
+                     args.max_request_bytes)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+
+    def stop_when_the_engine_ends():  # no request could be answered any more: stop serving, as vLLM does
+        engine.done.wait()
+        server.should_exit = True
+
+    threading.Thread(target=stop_when_the_engine_ends, name="engine-watch", daemon=True).start()
     eval_llm.log(f"serving {base_name} and {len(engine.adapters)} adapter(s) on http://{args.host}:{args.port} "
                  f"(max_batch {args.max_batch}, max_loras {args.max_loras}, max_seq_len {args.max_seq_len})")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        server.run()
     finally:
         engine.stop()
+    if engine.failure is not None:
+        raise EngineDied(f"the engine thread stopped ({engine.failure}); the server has exited")
 
 
 def main(argv=None) -> int:
-    """Exit code 0, or 2 after one `error: ...` line for bad flags or files."""
-    return eval_llm.run_main(run, argv)
+    """Exit code 0; 2 after one `error: ...` line for bad flags or files; 1 if the engine thread died."""
+    try:
+        return eval_llm.run_main(run, argv)
+    except EngineDied as e:
+        eval_llm.log(f"error: {e}")
+        return 1
 
 
 if __name__ == "__main__":

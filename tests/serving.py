@@ -39,7 +39,8 @@ def running_server(out: Path, *flags: str):
     yields (base_url, engine). The base is full_sft_64 in `out`."""
     args = parse_args(["--save_dir", str(out), "--hidden_size", "64", "--device", "cpu", *flags])
     engine, base_name = build_engine(args)
-    app = create_app(engine.start(), base_name, args.api_key, args.allow_runtime_lora)
+    app = create_app(engine.start(), base_name, args.api_key, args.allow_runtime_lora, args.lora_root,
+                     args.max_request_bytes)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
