@@ -10,7 +10,7 @@ from model.engine import Engine, EngineError, Request
 from model.model_lora import AdapterBank, LoRAError, load_lora, set_adapter
 from model.model_minimind import KVCache, MiniMindForCausalLM, RowKVCache
 from model.tokenizer import Tokenizer
-from tests.conftest import random_adapter, solo_reply, tiny_config, varied_model
+from tests.conftest import minimind_adapter, random_adapter, solo_reply, tiny_config, varied_model
 
 
 def test_row_cache_decodes_rows_of_different_lengths_like_each_alone():
@@ -191,3 +191,22 @@ def test_compiled_engine_replies_equal_the_eager_engine_and_never_compile_after_
     assert replies[False] == [solo_reply(varied_model(0), tok, p, 8, files[n]) for p, n in zip(prompts, names)]
     assert len(set(replies[False])) >= 4  # varied replies: the adapters and prompts matter
     assert replies[True] == replies[False]
+
+
+def test_a_minimind_file_without_config_is_served_at_scale_1(tmp_path):
+    tok = Tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True, tokenize=True)
+    path = minimind_adapter(varied_model(0), tmp_path / "lora_medical_64.pth")
+    want = solo_reply(varied_model(0), tok, prompt, 10, path)
+    assert want != solo_reply(varied_model(0), tok, prompt, 10)  # the adapter changes the reply
+    # Served at alpha 16 / rank 4 instead of 1, the reply would be this one's: a wrong scale shows.
+    assert want != solo_reply(varied_model(0), tok, prompt, 10, minimind_adapter(varied_model(0), tmp_path / "x4.pth",
+                                                                                 b_factor=4.0))
+    bank = AdapterBank(varied_model(0), slots=1)
+    assert bank.check(path)[1] == 1.0
+    engine = Engine(varied_model(0), tok, max_batch=2, max_seq_len=64, max_loras=1).start()
+    try:
+        engine.register("medical", path)
+        assert engine.complete(Request(prompt, "medical", max_tokens=10), timeout=30)["text"] == want
+    finally:
+        engine.stop()

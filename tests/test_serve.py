@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai")
 
 from model.checkpoint import load_model  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import random_adapter, solo_reply, varied_model  # noqa: E402
+from tests.conftest import minimind_adapter, random_adapter, solo_reply, varied_model  # noqa: E402
 from tests.serving import BASE, free_port, make_out, running_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -249,6 +249,17 @@ def test_a_client_that_disconnects_frees_its_row(server, client, out):
         time.sleep(0.05)
     assert engine.stats()["running"] == 0
     assert ask(client, BASE).choices[0].message.content == reference_reply(out)
+
+
+def test_a_minimind_file_without_config_serves_its_solo_reply(server, client, out, tmp_path):
+    """No config in the file: MiniMind's adapter, served at scale 1 as load_lora reads it."""
+    path = minimind_adapter(varied_model(0), tmp_path / "lora_mm_64.pth")
+    r = httpx.post(server[0] + "/v1/load_lora_adapter", json={"lora_name": "lora_mm", "lora_path": str(path)})
+    assert r.status_code == 200, r.text
+    try:
+        assert ask(client, "lora_mm").choices[0].message.content == reference_reply(out, path) != reference_reply(out)
+    finally:
+        httpx.post(server[0] + "/v1/unload_lora_adapter", json={"lora_name": "lora_mm"})
 
 
 def test_a_hundred_registered_adapters_with_three_resident(tmp_path, out):
