@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
 from model.checkpoint import CheckpointError, load_model, safe_torch_load, save_model
@@ -12,8 +13,6 @@ from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.convert_model import export_hf
 from scripts.convert_model import main as convert
 from tests.conftest import varied_model
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
 

@@ -9,15 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")
-
-from model.checkpoint import load_model  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import minimind_adapter, random_adapter, solo_reply, varied_model  # noqa: E402
-from tests.serving import BASE, free_port, make_out, running_server  # noqa: E402
+from model.checkpoint import load_model
+from model.tokenizer import Tokenizer
+from tests.conftest import minimind_adapter, random_adapter, solo_reply, varied_model
+from tests.serving import BASE, free_port, make_out, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 NEW = 10

@@ -220,7 +220,6 @@ def test_ddp_two_processes_match_one_process(tmp_path, data):
 
 @pytest.mark.slow
 def test_wandb_offline_logs_the_series(tmp_path, data):
-    pytest.importorskip("wandb")
     res = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path), "--data_path", str(data["pretrain"]),
                   "--max_steps", "4", "--use_wandb"] + TINY,
                  env_extra={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"},
