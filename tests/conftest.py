@@ -6,7 +6,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from model.model_lora import apply_lora, save_lora  # noqa: E402
+from model.model_lora import apply_lora, load_lora, save_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 
@@ -44,3 +44,25 @@ def random_adapter(model, name, path, rank=4, **lora_kw):
             if f"lora.{name}.B" in n:
                 p.normal_(std=0.5)
     save_lora(model, path, name)
+
+
+def minimind_adapter(model, path, rank=4, b_factor=1.0, seed=0):
+    """Write a MiniMind adapter file for `model`: fp16 A and B of every q_proj and o_proj under MiniMind's keys and no
+    config, so its scale is 1. b_factor multiplies B (4.0 gives the update a scale of alpha 16 / rank 4 would)."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, m in model.named_modules():
+        if name.endswith(("self_attn.q_proj", "self_attn.o_proj")):
+            state[f"{name}.lora.A.weight"] = (torch.randn(rank, m.in_features, generator=g) * 0.3).half()
+            state[f"{name}.lora.B.weight"] = (torch.randn(m.out_features, rank, generator=g) * 0.3 * b_factor).half()
+    torch.save(state, path)
+    return path
+
+
+def solo_reply(model, tok, prompt, max_tokens, adapter_path=None) -> str:
+    """The reference for a served reply: `model` alone, the adapter loaded with load_lora, plain greedy generate."""
+    if adapter_path is not None:
+        load_lora(model, adapter_path)
+    ids = torch.tensor([prompt])
+    new = model.eval().generate(ids, max_tokens, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    return tok.decode(new[:new.index(tok.eos_token_id)] if tok.eos_token_id in new else new, skip_special_tokens=True)

@@ -4,6 +4,12 @@ import shutil
 import urllib.request
 
 import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from tests.serving import BASE, make_out, running_server
 
@@ -11,15 +17,6 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 if not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)):
     pytest.skip(f"the chat page's browser test needs {CHROMIUM} and {CHROMEDRIVER} (Debian's chromium, "
                 "chromium-driver)", allow_module_level=True)
-try:
-    from selenium import webdriver
-    from selenium.common.exceptions import TimeoutException
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import Select, WebDriverWait
-except ImportError as e:
-    pytest.skip(f"the chat page's browser test needs selenium ({e})", allow_module_level=True)
 
 WAIT = 15  # seconds; a reply of 8 tokens from the tiny model takes well under one
 

@@ -3,6 +3,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 from model.checkpoint import REPO_ROOT, load_model, safe_torch_load, save_model
 from model.model_lora import LoRAError, apply_lora, find_adapter, save_lora
@@ -43,7 +44,6 @@ def test_merge_keeps_the_base_files_dtype(tmp_path, base_and_adapter):
 
 
 def test_hugging_face_export_loads_with_equal_logits(tmp_path, base_and_adapter):
-    transformers = pytest.importorskip("transformers")
     weight, lora, lora_model = base_and_adapter
     out = tmp_path / "hf"
     convert(["--to_hf", str(out), "--weight", str(weight), "--lora", str(lora)])

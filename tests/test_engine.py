@@ -10,7 +10,7 @@ from model.engine import Engine, EngineError, Request
 from model.model_lora import AdapterBank, LoRAError, load_lora, set_adapter
 from model.model_minimind import KVCache, MiniMindForCausalLM, RowKVCache
 from model.tokenizer import Tokenizer
-from tests.conftest import random_adapter, tiny_config, varied_model
+from tests.conftest import minimind_adapter, random_adapter, solo_reply, tiny_config, varied_model
 
 
 def test_row_cache_decodes_rows_of_different_lengths_like_each_alone():
@@ -114,6 +114,7 @@ def test_engine_stop_tokens_lru_and_refusals(adapters):
         prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
         full = engine.complete(Request(prompt, "a", max_tokens=6))
         assert full["finish_reason"] == "length" and full["completion_tokens"] == 6
+        assert full["text"] == solo_reply(varied_model(0), tok, prompt, 6, adapters / "a.pth")
         # A later greedy token (the first after the opening one that is new) as a stop token: the reply is
         # what came before it, finished by "stop".
         probe = Request(prompt, "a", max_tokens=6)
@@ -124,7 +125,8 @@ def test_engine_stop_tokens_lru_and_refusals(adapters):
         assert stopped["text"] == tok.decode(probe.tokens[:k], skip_special_tokens=True)
         # One resident slot, two adapters in flight: b waits for a's rows, then evicts it.
         ea, eb = run(engine, Request(prompt, "a", max_tokens=6), Request(prompt, "b", max_tokens=6))
-        assert ea[-1]["text"] == full["text"] and eb[-1]["text"] != full["text"]
+        assert ea[-1]["text"] == full["text"]
+        assert eb[-1]["text"] == solo_reply(varied_model(0), tok, prompt, 6, adapters / "b.safetensors") != full["text"]
         assert engine.stats()["resident"] == ["b"]
         with pytest.raises(EngineError, match="plus max_tokens"):
             engine.submit(Request(prompt, None, max_tokens=64))
@@ -148,6 +150,7 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_keeps_serving(adapt
         engine.register("a", adapters / "a.pth")
         prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
         good = engine.complete(Request(prompt, "a", max_tokens=4), timeout=30)
+        assert good["text"] == solo_reply(varied_model(0), tok, prompt, 4, adapters / "a.pth")
         real_forward = model.forward
         model.forward = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("out of memory"))
         failed = engine.complete(Request(prompt, "a", max_tokens=4), timeout=30)
@@ -184,5 +187,26 @@ def test_compiled_engine_replies_equal_the_eager_engine_and_never_compile_after_
         replies[compile] = [e[-1]["text"] for e in events]
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert engine.buckets == [1, 2, 4]
+    files = {None: None, "a": adapters / "a.pth", "b": adapters / "b.safetensors"}
+    assert replies[False] == [solo_reply(varied_model(0), tok, p, 8, files[n]) for p, n in zip(prompts, names)]
     assert len(set(replies[False])) >= 4  # varied replies: the adapters and prompts matter
     assert replies[True] == replies[False]
+
+
+def test_a_minimind_file_without_config_is_served_at_scale_1(tmp_path):
+    tok = Tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "你好"}], add_generation_prompt=True, tokenize=True)
+    path = minimind_adapter(varied_model(0), tmp_path / "lora_medical_64.pth")
+    want = solo_reply(varied_model(0), tok, prompt, 10, path)
+    assert want != solo_reply(varied_model(0), tok, prompt, 10)  # the adapter changes the reply
+    # Served at alpha 16 / rank 4 instead of 1, the reply would be this one's: a wrong scale shows.
+    assert want != solo_reply(varied_model(0), tok, prompt, 10, minimind_adapter(varied_model(0), tmp_path / "x4.pth",
+                                                                                 b_factor=4.0))
+    bank = AdapterBank(varied_model(0), slots=1)
+    assert bank.check(path)[1] == 1.0
+    engine = Engine(varied_model(0), tok, max_batch=2, max_seq_len=64, max_loras=1).start()
+    try:
+        engine.register("medical", path)
+        assert engine.complete(Request(prompt, "medical", max_tokens=10), timeout=30)["text"] == want
+    finally:
+        engine.stop()

@@ -4,15 +4,15 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 
-from model.checkpoint import CheckpointError, load_model, safe_torch_load
+from model.checkpoint import CheckpointError, load_model, safe_torch_load, save_model
 from model.hf_io import convert_hf_folder, read_hf_folder
+from model.model_minimind import MiniMindConfig, MiniMindForCausalLM
 from scripts.convert_model import export_hf
 from scripts.convert_model import main as convert
 from tests.conftest import varied_model
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB = 256
 
@@ -69,6 +69,40 @@ def test_convert_model_from_hf_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: ") and "config.json" in err and err.count("\n") == 1
     assert not (tmp_path / "again.pth").exists()
+
+
+# Every value the export writes, each unlike MiniMindConfig's default, so a default written in its place
+# shows (head_dim is not hidden/heads, one KV head, an untied head).
+ODD = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+           head_dim=24, intermediate_size=96, max_position_embeddings=300, rms_norm_eps=3e-5, rope_theta=12345.0,
+           tie_word_embeddings=False, bos_token_id=5, eos_token_id=6, pad_token_id=7)
+
+
+def test_export_keeps_the_models_config_and_imports_it_back(tmp_path):
+    torch.manual_seed(0)
+    ours = MiniMindForCausalLM(MiniMindConfig(**ODD)).eval()
+    with torch.no_grad():  # norm weights of 1 would hide a norm in the wrong place
+        for name, p in ours.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    save_model(ours, tmp_path / "odd_64.pth")
+    convert(["--to_hf", str(tmp_path / "hf"), "--weight", str(tmp_path / "odd_64.pth")])
+
+    theirs = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    c = theirs.config
+    read = {k: getattr(c, k) for k in ODD if k != "rope_theta"}
+    assert {**read, "rope_theta": c.rope_parameters["rope_theta"]} == ODD
+    assert theirs.lm_head.weight.data_ptr() != theirs.model.embed_tokens.weight.data_ptr()
+    diff = max_logit_diff(ours, theirs)
+    print(f"HF export of a non-default config: max |logit difference| {diff:.2e}")
+    assert diff <= 1e-5
+
+    convert(["--from_hf", str(tmp_path / "hf"), "--out", str(tmp_path / "back_64.pth")])
+    back = load_model(tmp_path / "back_64.pth").eval()
+    assert back.config.to_dict() == ours.config.to_dict()
+    x = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(back(x).logits, ours(x).logits)
 
 
 def test_minimind_transformers_folder_imports(tmp_path):

@@ -1,8 +1,10 @@
 import json
 
+import peft
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 from model.checkpoint import hf_config_dict, safe_torch_load
@@ -403,8 +405,6 @@ def test_resume_loads_into_the_trainable_adapter():
 
 @pytest.mark.parametrize("use_rslora", [False, True])
 def test_logits_match_peft_on_hugging_face_qwen3(use_rslora):
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
     ours = lora_model(rank=4, alpha=8, target_modules=["q_proj", "v_proj"], use_rslora=use_rslora)
     config = ours.config
     hf_cfg = transformers.Qwen3Config(**{k: v for k, v in hf_config_dict(config).items()

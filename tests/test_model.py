@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+import transformers
 
 from model.checkpoint import (CheckpointError, hf_config_dict, load_model, safe_torch_load, save_model)
 from model import model_minimind
@@ -166,7 +167,6 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
 
 
 def test_qwen3_logits_match_hugging_face():
-    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = tiny_config(rope_theta=1e6)
     ours = MiniMindForCausalLM(config).eval()

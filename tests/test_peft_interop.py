@@ -6,20 +6,19 @@ import shutil
 import subprocess
 import sys
 
+import peft
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
-
-from model.checkpoint import REPO_ROOT, hf_config_dict, load_state_dict_strict, save_model  # noqa: E402
-from model.model_lora import (CONFIG_KEY, AdapterBank, LoRAError, apply_lora, find_adapter, load_lora,  # noqa: E402
+from model.checkpoint import REPO_ROOT, hf_config_dict, load_state_dict_strict, save_model
+from model.model_lora import (CONFIG_KEY, AdapterBank, LoRAError, apply_lora, find_adapter, load_lora,
                               read_lora_file, save_lora, set_adapter)
-from model.model_minimind import MiniMindForCausalLM  # noqa: E402
-from model.peft_io import save_peft_folder  # noqa: E402
-from scripts.convert_model import main as convert  # noqa: E402
-from tests.conftest import tiny_config  # noqa: E402
-from tests.test_lora import base_model, logits, randomize_B  # noqa: E402
+from model.model_minimind import MiniMindForCausalLM
+from model.peft_io import save_peft_folder
+from scripts.convert_model import main as convert
+from tests.conftest import tiny_config
+from tests.test_lora import base_model, logits, randomize_B
 
 SCRIPT = REPO_ROOT / "scripts" / "convert_model.py"
 COMPARED = ("rank", "alpha", "use_rslora", "target_modules")

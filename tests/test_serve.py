@@ -9,16 +9,14 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")
-
-from model.checkpoint import load_model  # noqa: E402
-from model.model_lora import load_lora  # noqa: E402
-from model.tokenizer import Tokenizer  # noqa: E402
-from tests.conftest import random_adapter, varied_model  # noqa: E402
-from tests.serving import BASE, free_port, make_out, running_server  # noqa: E402
+from model.checkpoint import load_model
+from model.tokenizer import Tokenizer
+from tests.conftest import minimind_adapter, random_adapter, solo_reply, varied_model
+from tests.serving import BASE, free_port, make_out, running_server
 
 REPO = Path(__file__).resolve().parent.parent
 NEW = 10
@@ -57,15 +55,13 @@ def ask_stream(client, model, messages=MESSAGES, **kw):
 
 
 def reference_reply(out, adapter=None, messages=MESSAGES, n=NEW) -> str:
-    """Greedy reply of the plain model (adapter loaded the usual way, not from the server's bank)."""
+    """Greedy reply of the plain model, the adapter (a name in out/lora/, or a path) loaded with load_lora rather
+    than read into the server's bank."""
+    if isinstance(adapter, str):
+        adapter = next((out / "lora").glob(f"{adapter}_64.*"))
     tok = Tokenizer()
-    model = load_model(out / f"{BASE}.pth").eval()
-    if adapter:
-        load_lora(model, next((out / "lora").glob(f"{adapter}_64.*")), adapter)
-    ids = torch.tensor([tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)])
-    new = model.generate(ids, n, temperature=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
-    return tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new,
-                      skip_special_tokens=True)
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return solo_reply(load_model(out / f"{BASE}.pth"), tok, prompt, n, adapter)
 
 
 def test_models_lists_base_then_adapters_with_parent(client):
@@ -76,7 +72,7 @@ def test_models_lists_base_then_adapters_with_parent(client):
 
 
 def test_non_streaming_reply_matches_the_model_with_its_adapter(client, out):
-    for model, adapter in ((BASE, None), ("lora_a", "lora_a"), ("lora_c", "lora_c")):
+    for model, adapter in ((BASE, None), ("lora_a", "lora_a"), ("lora_b", "lora_b"), ("lora_c", "lora_c")):
         r = ask(client, model)
         assert r.object == "chat.completion" and r.model == model and r.id.startswith("chatcmpl-")
         assert r.choices[0].message.role == "assistant"
@@ -88,9 +84,9 @@ def test_non_streaming_reply_matches_the_model_with_its_adapter(client, out):
     assert len(replies) == 4  # each adapter changes the reply
 
 
-def test_stream_wire_format(server, client):
+def test_stream_wire_format(server, client, out):
     text, finish, chunks = ask_stream(client, "lora_b", stream_options={"include_usage": True})
-    assert text == ask(client, "lora_b").choices[0].message.content
+    assert text == ask(client, "lora_b").choices[0].message.content == reference_reply(out, "lora_b")
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(c.delta.role is None for ch in chunks[1:] for c in ch.choices)
     assert finish == ["length"] and chunks[-2].choices[0].finish_reason == "length"
@@ -106,9 +102,9 @@ def test_stream_wire_format(server, client):
     assert all({"id", "object", "created", "model", "choices"} <= set(json.loads(e[6:])) for e in events[:-1])
 
 
-def test_stop_strings_and_max_tokens_on_both_paths(client):
+def test_stop_strings_and_max_tokens_on_both_paths(client, out):
     full = ask(client, "lora_a", max_tokens=NEW).choices[0].message.content
-    assert len(full) >= 6
+    assert full == reference_reply(out, "lora_a") and len(full) >= 6
     stop = full[3:5]
     cut = full[:full.find(stop)]
     r = ask(client, "lora_a", stop=[stop, "never-there"])
@@ -122,7 +118,7 @@ def test_stop_strings_and_max_tokens_on_both_paths(client):
     assert (text, finish) == (short.choices[0].message.content, ["length"])
 
 
-def test_seeded_sampling_repeats_and_top_p_narrows(client):
+def test_seeded_sampling_repeats_and_top_p_narrows(client, out):
     kw = dict(temperature=2.0, max_tokens=12)
     a = ask(client, BASE, seed=7, **kw).choices[0].message.content
     assert ask(client, BASE, seed=7, **kw).choices[0].message.content == a
@@ -131,14 +127,16 @@ def test_seeded_sampling_repeats_and_top_p_narrows(client):
     assert len(others) > 1  # the seed matters at temperature 2
     # top_p that keeps only the most likely token is greedy, whatever the seed.
     greedy = ask(client, BASE, max_tokens=12).choices[0].message.content
+    assert greedy == reference_reply(out, None, n=12)
     assert ask(client, BASE, seed=3, top_p=1e-6, **kw).choices[0].message.content == greedy
 
 
-def test_twelve_concurrent_streams_over_three_models_equal_their_solo_replies(client, server):
+def test_twelve_concurrent_streams_over_three_models_equal_their_solo_replies(client, server, out):
     prompts = [[{"role": "user", "content": p}] for p in ("hello", "你是谁？", "What is the capital of France?",
                                                            "最近老是头痛，有什么建议吗？")]
     jobs = [(model, prompts[i % 4]) for i, model in enumerate([BASE, "lora_a", "lora_b"] * 4)]
     solo = {(m, p[0]["content"]): ask(client, m, p, max_tokens=16).choices[0].message.content for m, p in jobs}
+    assert solo == {(m, p[0]["content"]): reference_reply(out, None if m == BASE else m, p, 16) for m, p in jobs}
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         got = list(pool.map(lambda job: ask_stream(client, job[0], job[1], max_tokens=16)[0], jobs))
     assert got == [solo[(m, p[0]["content"])] for m, p in jobs]
@@ -149,6 +147,7 @@ def test_more_requests_than_max_batch_queue_and_all_finish(out):
     with running_server(out, "--lora_weight", "lora_a", "--max_batch", "2") as (url, engine):
         c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         solo = ask(c, "lora_a").choices[0].message.content
+        assert solo == reference_reply(out, "lora_a")
         with concurrent.futures.ThreadPoolExecutor(7) as pool:
             got = list(pool.map(lambda _: ask(c, "lora_a").choices[0].message.content, range(7)))
         assert got == [solo] * 7
@@ -176,7 +175,7 @@ def test_runtime_load_and_unload_during_traffic(client, server, out, tmp_path):
         r = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "lora_new"})
         assert r.status_code == 200, r.text
         assert background.result() == [expected] * 6
-    assert new_reply != expected
+    assert new_reply == reference_reply(out, path) != expected
     with pytest.raises(openai.NotFoundError, match="lora_new"):
         ask(client, "lora_new")
     assert "lora_new" not in [m.id for m in client.models.list().data]
@@ -202,7 +201,7 @@ def test_bad_adapters_are_refused_with_the_loaders_message(server, client, out, 
     gone = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "never"})
     assert gone.status_code == 404
     assert [m.id for m in client.models.list().data] == [BASE, "lora_a", "lora_b", "lora_c"]
-    assert ask(client, "lora_a").choices[0].message.content  # still serving
+    assert ask(client, "lora_a").choices[0].message.content == reference_reply(out, "lora_a")  # still serving
 
 
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, client):
@@ -236,7 +235,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, cli
     assert ask(client, "lora_a").choices[0].finish_reason == "length"
 
 
-def test_a_client_that_disconnects_frees_its_row(server, client):
+def test_a_client_that_disconnects_frees_its_row(server, client, out):
     engine = server[1]
     stream = client.chat.completions.create(model="lora_a", messages=MESSAGES, max_tokens=900, temperature=0,
                                             stream=True)
@@ -248,7 +247,18 @@ def test_a_client_that_disconnects_frees_its_row(server, client):
     while engine.stats()["running"] and time.time() < deadline:
         time.sleep(0.05)
     assert engine.stats()["running"] == 0
-    assert ask(client, BASE).choices[0].message.content
+    assert ask(client, BASE).choices[0].message.content == reference_reply(out)
+
+
+def test_a_minimind_file_without_config_serves_its_solo_reply(server, client, out, tmp_path):
+    """No config in the file: MiniMind's adapter, served at scale 1 as load_lora reads it."""
+    path = minimind_adapter(varied_model(0), tmp_path / "lora_mm_64.pth")
+    r = httpx.post(server[0] + "/v1/load_lora_adapter", json={"lora_name": "lora_mm", "lora_path": str(path)})
+    assert r.status_code == 200, r.text
+    try:
+        assert ask(client, "lora_mm").choices[0].message.content == reference_reply(out, path) != reference_reply(out)
+    finally:
+        httpx.post(server[0] + "/v1/unload_lora_adapter", json={"lora_name": "lora_mm"})
 
 
 def test_a_hundred_registered_adapters_with_three_resident(tmp_path, out):
@@ -266,6 +276,7 @@ def test_a_hundred_registered_adapters_with_three_resident(tmp_path, out):
         assert len(c.models.list().data) == 101
         picks = [0, 1, 2, 3, 57, 99]
         first = {i: ask(c, f"lora_{i:03d}", max_tokens=6).choices[0].message.content for i in picks}
+        assert first == {i: reference_reply(out, paths[i], n=6) for i in picks}
         assert len(set(first.values())) == len(picks)
         assert len(engine.stats()["resident"]) == 3
         # Evicted and read back from disk: the same replies, concurrently too.
@@ -298,7 +309,8 @@ def test_api_key_and_runtime_loading_switch_on_the_real_cli(out, tmp_path):
             wrong.models.list()
         right = openai.OpenAI(base_url=url + "/v1", api_key="sekret", max_retries=0)
         assert [m.id for m in right.models.list().data] == [BASE, "lora_a"]
-        assert ask(right, "lora_a").choices[0].finish_reason == "length"
+        reply = ask(right, "lora_a").choices[0]
+        assert (reply.message.content, reply.finish_reason) == (reference_reply(out, "lora_a"), "length")
         r = httpx.post(url + "/v1/load_lora_adapter", headers={"Authorization": "Bearer sekret"},
                        json={"lora_name": "b", "lora_path": str(out / "lora" / "lora_b_64.pth")})
         assert r.status_code == 403 and "--allow_runtime_lora" in r.json()["error"]["message"]

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
 from model.tokenizer import Tokenizer
 from trainer.train_tokenizer import main as train_tokenizer_main
@@ -137,7 +138,6 @@ def test_missing_or_broken_file_errors(tmp_path):
 
 
 def test_matches_transformers(tok):
-    transformers = pytest.importorskip("transformers")
     hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tok.path))
     rng = random.Random(1)
     for text in SAMPLES + [CHATML] + [random_unicode(rng, 30) for _ in range(50)]:

@@ -372,8 +372,11 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
             if hasattr(dataset, "set_epoch"):  # packed rows and replay draws change per epoch
                 dataset.set_epoch(state.epoch)
             sampler.set_epoch(state.epoch)
+            # Its own generator: starting the iterator would otherwise draw from the global RNG that resume restores,
+            # shifting every later dropout mask of a resumed run.
             loader = DataLoader(dataset, batch_sampler=list(sampler)[state.batches_in_epoch:], collate_fn=collate,
-                                num_workers=args.num_workers, pin_memory=rt.device.type == "cuda")
+                                num_workers=args.num_workers, pin_memory=rt.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(args.seed + state.epoch))
             group = []
             for batch in loader:
                 group.append(batch)
