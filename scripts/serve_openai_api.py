@@ -37,6 +37,7 @@ from model.engine import Engine, EngineError  # noqa: E402
 from model.engine import Request as GenRequest  # noqa: E402
 from model.model_lora import LoRAError, default_adapter_name, find_adapter  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
+from trainer.trainer_utils import HelpFormatter  # noqa: E402
 
 PAGE = Path(__file__).resolve().parent / "chat_page.html"
 ROLES = ("system", "user", "assistant")
@@ -48,7 +49,7 @@ PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     a = p.add_argument
     eval_llm.add_base_args(a)  # --save_dir --hidden_size --device --dtype and the architecture flags, as eval_llm.py
     a("--weight", default="full_sft", help="base weights: a name ({save_dir}/{weight}_{hidden_size}.pth) or a path")
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                         "or paths; each is served under its name (file name minus _{h})")
     a("--served_model_name", default=None, help="the base's model name in the API (default: the weight file's stem)")
     a("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines (then set --api_key)")
-    a("--port", type=int, default=8998)
+    a("--port", type=int, default=8998, help="the port to listen on")
     a("--max_batch", type=int, default=16, help="requests decoded together; more wait in a queue")
     a("--max_seq_len", type=int, default=1024, help="prompt plus reply, in tokens")
     a("--max_loras", type=int, default=8, help="adapters resident at once; more can be registered")

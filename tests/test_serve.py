@@ -159,7 +159,7 @@ def test_more_requests_than_max_batch_queue_and_all_finish(out):
 
 def test_runtime_load_and_unload_during_traffic(client, server, out, tmp_path):
     url = server[0]
-    path = tmp_path / "lora_new_64.pth"
+    path = out / "lora" / "lora_new_64.pth"  # runtime loading reads only under --lora_root (default: out/lora)
     random_adapter(varied_model(0), "lora_new", path, rank=2)
     expected = reference_reply(out, None)  # base replies keep flowing meanwhile
 
@@ -193,10 +193,10 @@ def test_bad_adapters_are_refused_with_the_loaders_message(server, client, out, 
                        json={"lora_name": "x", "lora_path": str(out / "lora" / "lora_other_64.pth")})
     assert other.status_code == 400
     assert "trained on another base" in other.json()["error"]["message"] or "num_hidden_layers" in other.text
-    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
-    broken = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": str(tmp_path / "broken.pth")})
+    (out / "lora" / "broken.pth").write_bytes(b"not a checkpoint")
+    broken = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "y", "lora_path": str(out / "lora" / "broken.pth")})
     assert broken.status_code == 400 and "broken.pth" in broken.json()["error"]["message"]
-    missing = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": str(tmp_path / "no.pth")})
+    missing = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "z", "lora_path": str(out / "lora" / "no.pth")})
     assert missing.status_code == 400 and "no such file" in missing.json()["error"]["message"]
     gone = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "never"})
     assert gone.status_code == 404
@@ -252,7 +252,7 @@ def test_a_client_that_disconnects_frees_its_row(server, client, out):
 
 def test_a_minimind_file_without_config_serves_its_solo_reply(server, client, out, tmp_path):
     """No config in the file: MiniMind's adapter, served at scale 1 as load_lora reads it."""
-    path = minimind_adapter(varied_model(0), tmp_path / "lora_mm_64.pth")
+    path = minimind_adapter(varied_model(0), out / "lora" / "lora_mm_64.pth")  # inside the server's --lora_root
     r = httpx.post(server[0] + "/v1/load_lora_adapter", json={"lora_name": "lora_mm", "lora_path": str(path)})
     assert r.status_code == 200, r.text
     try:
@@ -268,7 +268,7 @@ def test_a_hundred_registered_adapters_with_three_resident(tmp_path, out):
         torch.manual_seed(100 + i)
         paths.append(tmp_path / f"lora_{i:03d}_64.pth")
         random_adapter(model, f"a{i}", paths[-1], rank=2)
-    with running_server(out, "--max_loras", "3", "--allow_runtime_lora") as (url, engine):
+    with running_server(out, "--max_loras", "3", "--allow_runtime_lora", "--lora_root", str(tmp_path)) as (url, engine):
         for i, p in enumerate(paths):
             r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": f"lora_{i:03d}", "lora_path": str(p)})
             assert r.status_code == 200, r.text
