@@ -290,6 +290,8 @@ def _probe(root: nn.Module, key: str) -> list:
         w = root.get_parameter(key).detach().flatten()
     except (AttributeError, ValueError):
         return []
+    if w.is_meta:  # a model built only to count parameters has no values
+        return []
     idx = torch.linspace(0, w.numel() - 1, PROBE_POINTS).long().to(w.device)
     return [float(f"{v:.4g}") for v in w[idx].float().tolist()]
 
