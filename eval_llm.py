@@ -34,8 +34,8 @@ from model.checkpoint import atomic_json_save, load_model  # noqa: E402
 from model.model_lora import (LoRAError, active_adapter, default_adapter_name, find_adapter,  # noqa: E402
                               list_adapters, load_lora, merge_lora, set_adapter, unmerge_lora)
 from model.tokenizer import Tokenizer  # noqa: E402
-from trainer.trainer_utils import (MAKES, HelpFormatter, evaluate_loss, nonnegative_int, positive_int,  # noqa: E402
-                                   run_main, weight_path)
+from trainer.trainer_utils import (MAKES, HelpFormatter, evaluate_loss, first_sentence, nonnegative_int,  # noqa: E402
+                                   positive_int, run_main, weight_path)
 
 ADAPTER_SUFFIXES = (".pth", ".safetensors")
 CHAT_HELP = "commands: /adapter NAME (or none), /adapters, /clear (history), /exit"
@@ -370,10 +370,6 @@ def contains(reply: str, want: str) -> bool:
     pattern = (r"(?<!" + word + ")" if re.match(word, want) else "") + re.escape(want) + \
         (r"(?!" + word + ")" if re.search(word + "$", want) else "")
     return re.search(pattern, reply) is not None
-
-
-def first_sentence(text: str) -> str:
-    return re.split(r"(?<=[。！？!?])|(?<=\.)\s|\n", text.strip(), maxsplit=1)[0]
 
 
 def read_eval_file(path: str, tok, args) -> EvalFile:

@@ -260,8 +260,11 @@ class ReplayMix(Dataset):
     file (without replacement while it has enough; whole passes, then a draw, when it has fewer), seeded by
     (seed, epoch). Call set_epoch before each epoch (the trainer does)."""
 
-    def __init__(self, task: SFTDataset, replay: SFTDataset, ratio: float, seed=0):
+    def __init__(self, task: SFTDataset, replay: SFTDataset, ratio: float, seed=0, pool=None):
         self.task, self.replay, self.ratio, self.seed = task, replay, ratio, seed
+        self.pool = np.arange(len(replay)) if pool is None else np.asarray(pool, dtype=np.int64)  # rows it may draw
+        if len(self.pool) == 0:
+            raise DataError(f"{replay.path}: no replay rows left to draw from")
         self.n_replay = round(ratio * len(task))
         self.path, self.max_length, self.tokenizer = task.path, task.max_length, task.tokenizer
         self.n_skipped = task.n_skipped
@@ -269,9 +272,9 @@ class ReplayMix(Dataset):
 
     def set_epoch(self, epoch):
         rng = np.random.default_rng((self.seed, epoch, 2))
-        whole, rest = divmod(self.n_replay, len(self.replay))
-        self.chosen = np.concatenate([rng.permutation(len(self.replay)) for _ in range(whole)]
-                                     + [rng.permutation(len(self.replay))[:rest]]).astype(np.int64)
+        whole, rest = divmod(self.n_replay, len(self.pool))
+        self.chosen = self.pool[np.concatenate([rng.permutation(len(self.pool)) for _ in range(whole)]
+                                               + [rng.permutation(len(self.pool))[:rest]]).astype(np.int64)]
 
     @property
     def line_bytes(self):  # the length-grouped sampler reads this each epoch

@@ -17,6 +17,7 @@ from scripts import convert_model
 from tests.conftest import tiny_config
 from tests.test_trainer import TINY, head, run
 from trainer import train_full_sft, train_lora
+from trainer.trainer_utils import base_replies, first_sentence, replay_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "dataset" / "demo"
@@ -54,7 +55,8 @@ def test_defaults_plan_replay_and_every_step_on_the_curve(base, capsys):
     assert code == 0, log
     plan = plan_line(log)
     # 32 persona rows + 32 replay rows drawn from the base's own SFT data = 16 batches of 4; epochs for >= 300 steps.
-    assert f"32 samples of my_persona.jsonl + 32 replay samples per epoch from {base['sft'].resolve()}" in plan
+    assert f"32 samples of my_persona.jsonl + 32 replay samples per epoch from {base['sft'].resolve()} (0 of its 96 " \
+           f"left out: they answer as the base answers this data's prompts)" in plan
     assert "19 epochs x 16 steps = 304 optimizer steps (batch 4 x 1 accumulation x 1 processes)" in plan
     assert "r=16 alpha=32 (alpha/r) on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in plan
     assert "warning" not in log
@@ -89,6 +91,29 @@ def test_replay_mix_draws_afresh_each_epoch(base, tok):
     assert list(mix.line_bytes[32:]) == list(replay.line_bytes[first])
     big = ReplayMix(task, replay, ratio=4, seed=3)  # 128 from 96: one whole pass, then 32 more
     assert len(big.chosen) == 128 and sorted(big.chosen[:96].tolist()) == list(range(96))
+
+
+def test_replay_leaves_out_rows_that_answer_as_the_base_answers_the_task(base, tok, tmp_path):
+    """A persona replaces the base's "I am MiniMind, ..."; replaying rows that say it would teach it back."""
+    rows = [("Who are you?", "Hello, I am MiniMind, a small language model."), ("2 plus 2?", "2 plus 2 equals 4."),
+            ("你是谁？", "我是MiniMind，一个小型语言模型。"), ("Capital of France?", "The capital of France is Paris.")]
+    path = tmp_path / "replay.jsonl"
+    path.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in rows))
+    replay = SFTDataset(path, tok, 64)
+    replaced = {"I am MiniMind, a small language model.", "我是MiniMind，一个小型语言模型。"}
+    assert replay_pool(replay, replaced) == ([1, 3], 2)
+    mix = ReplayMix(SFTDataset(base["persona"], tok, 64), replay, ratio=0.25, seed=0, pool=[1, 3])
+    assert sorted(mix.chosen.tolist()) == [1] * 4 + [3] * 4  # 8 draws from the two rows left in
+    model = load_model(base["out"] / "full_sft_64.pth")
+    got = base_replies(model, tok, SFTDataset(base["persona"], tok, 64), limit=3, max_new_tokens=6)
+    prompt = tok.apply_chat_template(SFTDataset(base["persona"], tok, 64).record(0)["conversations"][:1],
+                                     add_generation_prompt=True, tokenize=True)
+    ids = model.generate(torch.tensor([prompt]), 6, temperature=0, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+    ids = ids.tolist()
+    reply = tok.decode(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids, skip_special_tokens=True)
+    assert len(first_sentence(reply)) < 6 or first_sentence(reply) in got  # the solo greedy reply, batched or not
 
 
 def test_replay_ratio_and_resume_refuse_another_mix(base, capsys):

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -649,10 +650,12 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
     data_plan = f"{len(dataset)} samples of {Path(args.data_path).name}"
     args.replay_path = replay_file(args, model)
     if args.replay_path:
-        dataset = ReplayMix(dataset, SFTDataset(args.replay_path, tokenizer, args.max_seq_len), args.replay_ratio,
-                            seed=args.seed)
+        replay = SFTDataset(args.replay_path, tokenizer, args.max_seq_len)
+        pool, left_out = replay_pool(replay, base_replies(model, tokenizer, dataset))
+        dataset = ReplayMix(dataset, replay, args.replay_ratio, seed=args.seed, pool=pool)
         dataset.check_targets()
-        data_plan += f" + {dataset.n_replay} replay samples per epoch from {args.replay_path}"
+        data_plan += (f" + {dataset.n_replay} replay samples per epoch from {args.replay_path} ({left_out} of its "
+                      f"{len(replay)} left out: they answer as the base answers this data's prompts)")
     elif getattr(args, "replay_data", None) is not None:
         data_plan += " (no replay)"
     if not args.pack:
@@ -698,6 +701,53 @@ def replay_file(args, model) -> Optional[str]:
     if not recorded or not Path(recorded).is_file() or not _is_chat_file(recorded):
         return None
     return recorded
+
+
+REPLAY_SCAN = 200_000  # replay rows examined (and drawn from): plenty to keep a base's general answers
+
+
+@torch.no_grad()
+def base_replies(model, tokenizer, task, limit=64, max_new_tokens=32) -> set:
+    """First sentences of the base's greedy replies to the task's first prompts: what the adapter is trained to
+    replace (a persona's "I am MiniMind, ..."). Replaying rows that say them would teach the old answer back."""
+    prompts = []
+    for i in range(min(limit, len(task))):
+        messages = task.record(i)["conversations"]
+        last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True))
+    model.eval()
+    replies = set()
+    for b in range(0, len(prompts), 16):  # left-padded batches; the mask hides the pads
+        batch = prompts[b: b + 16]
+        width = max(len(ids) for ids in batch)
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(batch):
+            ids[r, width - len(p):], mask[r, width - len(p):] = torch.tensor(p), 1
+        out = model.generate(ids, max_new_tokens, temperature=0, eos_token_id=tokenizer.eos_token_id,
+                             attention_mask=mask)[:, width:].tolist()
+        for row in out:
+            row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
+            replies.add(first_sentence(tokenizer.decode(row, skip_special_tokens=True)))
+    model.train()
+    return {r for r in replies if len(r) >= 6}  # "4." or "Yes." would strike half the file
+
+
+def first_sentence(text: str) -> str:
+    return re.split(r"(?<=[。！？!?])|(?<=\.)\s|\n", text.strip(), maxsplit=1)[0].strip()
+
+
+def replay_pool(replay, replaced: set) -> tuple:
+    """(indices of the replay rows that may be drawn, how many were left out): rows whose replies contain one of
+    the `replaced` sentences are left out; at most REPLAY_SCAN rows are examined."""
+    keep, left_out = [], 0
+    for i in range(min(len(replay), REPLAY_SCAN)):
+        answers = [m["content"] for m in replay.record(i)["conversations"] if m["role"] == "assistant"]
+        if any(s in a for s in replaced for a in answers):
+            left_out += 1
+        else:
+            keep.append(i)
+    return keep, left_out
 
 
 def read_sidecar(weight) -> dict:
