@@ -63,12 +63,12 @@ def main(argv=None):
         return Path(args.save_dir) / "lora" / f"{args.lora_name}_{args.hidden_size}.pth"
 
     def prepare(model):
-        out = out_path()
+        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                   target_modules=args.lora_targets, use_rslora=args.use_rslora, adapter_name=args.lora_name)
+        out = out_path()  # checked before the first step: nothing is lost to a refused run
         if out.exists() and not args.overwrite and not args.from_resume:
             raise TrainError(f"{out} exists; pass --overwrite 1 to replace it, or --lora_name NAME to save another "
                              f"adapter")
-        apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                   target_modules=args.lora_targets, use_rslora=args.use_rslora, adapter_name=args.lora_name)
         summary = trainable_summary(model)
         return lora_parameters(model, args.lora_name), summary[:summary.index("; trainable")]
 
