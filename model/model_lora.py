@@ -486,7 +486,13 @@ def _parse_adapter(state: dict, source: str) -> tuple[dict, Optional[dict]]:
     """{module: (A, B)} and the config (None for a MiniMind file), with shape checks of the file itself."""
     state = dict(state)
     config = state.pop(CONFIG_KEY, None)
-    config = json.loads(config) if isinstance(config, str) else config
+    try:
+        config = json.loads(config) if isinstance(config, str) else config
+    except ValueError as e:
+        raise LoRAError(f"{source}: the adapter's config is not valid JSON ({e}); {REPLACE_HINT}") from None
+    if config is not None and not isinstance(config, dict):
+        raise LoRAError(f"{source}: the adapter's config is a JSON {type(config).__name__}, not an object; "
+                        f"{REPLACE_HINT}")
     pairs: dict[str, dict] = {}
     for key, tensor in state.items():
         match = _KEY.match(key)

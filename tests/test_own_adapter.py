@@ -292,3 +292,28 @@ def test_merge_unmerge_on_bf16_restores_w0_exactly():
     unmerge_lora(model)
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_held_out_scores_during_training_do_not_move_the_dropout_masks(base, capsys):
+    common = ["--max_steps", "6", "--lora_dropout", "0.1", "--replay_data", "none", "--seed", "3"]
+    assert lora(base, *common, "--lora_name", "plain", capsys=capsys)[0] == 0
+    assert lora(base, *common, "--lora_name", "scored", "--eval_data_path", str(base["persona"]), "--eval_interval",
+                "2", "--eval_batches", "1", capsys=capsys)[0] == 0
+    a = safe_torch_load(base["out"] / "lora" / "plain_64.pth")
+    b = safe_torch_load(base["out"] / "lora" / "scored_64.pth")
+    for k in a:
+        if k != CONFIG_KEY:
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_an_adapter_whose_config_is_cut_is_refused_in_one_line(base, tmp_path, capsys):
+    assert lora(base, "--max_steps", "2", capsys=capsys)[0] == 0
+    state = safe_torch_load(base["out"] / "lora" / "my_persona_64.pth")
+    state[CONFIG_KEY] = state[CONFIG_KEY][:40]
+    bad = base["out"] / "lora" / "cut_64.pth"
+    torch.save(state, bad)
+    assert eval_llm.main(["--save_dir", str(base["out"]), "--hidden_size", "64", "--lora_weight", "cut", "--prompt",
+                          "hi", "--max_new_tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}: the adapter's config is not valid JSON (" in err and "replace it with a good copy" in err
+    assert "Traceback" not in err

@@ -494,7 +494,9 @@ def evaluate_loss(model, dataset, collate, batch_size: int, device, max_batches:
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
+    # Its own generator: a held-out score between steps must not move the global RNG that dropout draws from.
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                        generator=torch.Generator().manual_seed(0))
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
