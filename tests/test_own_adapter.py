@@ -221,6 +221,8 @@ def test_base_without_its_json_loads_from_its_shapes(tmp_path, capsys, tok):
                                          "--batch_size", "4", "--max_seq_len", "64"], capsys)
     assert code == 0, log
     assert (tmp_path / "lora" / "p_64.pth").is_file()  # {h} from the weights, not the --hidden_size default 256
+    assert "16 samples of p.jsonl (no replay: the base's .json names no chat data it was trained on that is still " \
+           "there; pass --replay_data FILE to keep its general answers)" in plan_line(log)
 
 
 def test_hidden_size_that_disagrees_with_from_weight_is_refused(base, capsys):

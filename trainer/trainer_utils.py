@@ -658,6 +658,9 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
         dataset.check_targets()
         data_plan += (f" + {dataset.n_replay} replay samples per epoch from {args.replay_path} ({left_out} of its "
                       f"{len(replay)} left out: they answer as the base answers this data's prompts)")
+    elif getattr(args, "replay_data", None) == "auto":
+        data_plan += (" (no replay: the base's .json names no chat data it was trained on that is still there; "
+                      "pass --replay_data FILE to keep its general answers)")
     elif getattr(args, "replay_data", None) is not None:
         data_plan += " (no replay)"
     if not args.pack:
