@@ -22,6 +22,13 @@ class DataError(ValueError):
     pass
 
 
+def is_chat_file(path) -> bool:
+    """Whether a jsonl file holds conversations (else pretraining texts), told by its first line."""
+    with open(path, "rb") as f:
+        first = next((line for line in f if line.strip()), b"")
+    return b'"conversations"' in first
+
+
 class JsonlDataset(Dataset):
     """Base class: one JSON object per line; subclasses say what a valid record is and how to tokenize it."""
 
@@ -413,9 +420,7 @@ def main(argv=None):
         p.error("--rows must be at least 1 and --max_seq_len at least 2")
     tokenizer = Tokenizer(args.tokenizer)
     try:
-        with open(args.show_mask, "rb") as f:
-            first = next((line for line in f if line.strip()), b"{}")
-        kind = SFTDataset if b'"conversations"' in first else PretrainDataset
+        kind = SFTDataset if is_chat_file(args.show_mask) else PretrainDataset
         dataset = kind(args.show_mask, tokenizer, args.max_seq_len)
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -323,13 +323,14 @@ def adapter_stats(model, adapter_name: Optional[str] = None) -> dict:
             "trainable_share": trainable / total}
 
 
-def trainable_summary(model, adapter_name: Optional[str] = None) -> str:
-    """One log line: which adapter, where, and how many parameters train."""
+def trainable_summary(model, adapter_name: Optional[str] = None, counts: bool = True) -> str:
+    """One log line: which adapter, where, and (counts) how many parameters train."""
     s = adapter_stats(model, adapter_name)
     scale = "alpha/sqrt(r)" if s["use_rslora"] else "alpha/r"
-    return (f"LoRA {s['adapter_name']!r}: r={s['rank']} alpha={s['alpha']:g} ({scale}) on "
-            f"{','.join(s['target_modules'])} ({s['num_modules']} modules); trainable {s['trainable_params']:,} "
-            f"of {s['total_params']:,} parameters ({100 * s['trainable_share']:.3f}%)")
+    where = (f"LoRA {s['adapter_name']!r}: r={s['rank']} alpha={s['alpha']:g} ({scale}) on "
+             f"{','.join(s['target_modules'])} ({s['num_modules']} modules)")
+    return where + (f"; trainable {s['trainable_params']:,} of {s['total_params']:,} parameters "
+                    f"({100 * s['trainable_share']:.3f}%)" if counts else "")
 
 
 def set_adapter(model, adapter_name: Optional[str]) -> None:

@@ -40,10 +40,6 @@ def main(argv=None):
     parser.add_argument("--replay_ratio", type=nonnegative_float, default=1.0,
                         help="replay samples per task sample, drawn afresh each epoch")
     parser.add_argument("--overwrite", type=int, default=0, choices=[0, 1], help="1: replace an existing adapter file")
-    parser.set_defaults(epochs=None)
-    for action in parser._actions:
-        if action.dest == "epochs":
-            action.help = "passes over the data (default: enough for about 300 optimizer steps)"
     args = parser.parse_args(argv)
     if args.lora_name is None:
         args.lora_name = Path(args.data_path).stem if args.data_path else "lora_identity"
@@ -69,8 +65,7 @@ def main(argv=None):
         if out.exists() and not args.overwrite and not args.from_resume:
             raise TrainError(f"{out} exists; pass --overwrite 1 to replace it, or --lora_name NAME to save another "
                              f"adapter")
-        summary = trainable_summary(model)
-        return lora_parameters(model, args.lora_name), summary[:summary.index("; trainable")]
+        return lora_parameters(model, args.lora_name), trainable_summary(model, counts=False)
 
     def resume(model, state):
         saved, want = json.loads(state.get(CONFIG_KEY) or "{}"), adapter_config(model, args.lora_name)

@@ -34,7 +34,7 @@ from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, lo
                               safe_torch_load, save_model, unwrap)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 from dataset.lm_dataset import (DataError, LengthGroupedBatchSampler, PackedDataset, PadCollator,  # noqa: E402
-                                ReplayMix, SFTDataset)
+                                ReplayMix, SFTDataset, is_chat_file)
 
 DEMO_DIR = REPO_ROOT / "dataset" / "demo"
 
@@ -112,7 +112,9 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--save_weight", default=defaults.pop("save_weight"), help="output name prefix: {save_weight}_{hidden}.pth")
     data_path = defaults.pop("data_path")
     a("--data_path", default=str(data_path) if data_path else None, help="jsonl training data")
-    a("--epochs", type=positive_int, default=1, help="passes over the training data")
+    auto = defaults.get("auto_epochs_steps")  # train_lora: epochs follow the data's size
+    a("--epochs", type=positive_int, default=1, help="passes over the training data" + (
+        f" (default: enough for about {auto} optimizer steps)" if auto else ""))
     a("--batch_size", type=positive_int, default=16, help="samples per process, per micro-batch")
     a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (AdamW; warmup, then cosine)")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -703,7 +705,7 @@ def replay_file(args, model) -> Optional[str]:
                              f"or --replay_data none")
         return choice
     recorded = (read_sidecar(getattr(model, "name_or_path", None)).get("trained_on") or {}).get("data_path")
-    if not recorded or not Path(recorded).is_file() or not _is_chat_file(recorded):
+    if not recorded or not Path(recorded).is_file() or not is_chat_file(recorded):
         return None
     return recorded
 
@@ -763,8 +765,3 @@ def read_sidecar(weight) -> dict:
         return {}
     return d if isinstance(d, dict) else {}
 
-
-def _is_chat_file(path) -> bool:
-    with open(path, "rb") as f:
-        first = next((line for line in f if line.strip()), b"")
-    return b'"conversations"' in first
