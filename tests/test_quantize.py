@@ -1,0 +1,165 @@
+"""QLoRA's quantised base (model/quantize.py) against bitsandbytes, and transformers + bitsandbytes + PEFT."""
+import json
+
+import bitsandbytes.functional as bnbf
+import peft
+import pytest
+import torch
+import transformers
+
+from model.checkpoint import save_model
+from model.model_lora import (CONFIG_KEY, LoRAError, apply_lora, load_lora, lora_parameters, merge_lora,
+                              read_lora_file, save_lora)
+from model.quantize import (QuantizedWeight, QuantizeError, dequantize_base, dynamic_map, quantization_of,
+                            quantize_base)
+from scripts.convert_model import main as convert
+from tests.test_lora import TOKENS, base_model, logits, randomize_B
+
+
+def max_diff(ours, theirs, what: str) -> float:
+    diff = (ours - theirs).abs().max().item()
+    print(f"\nmax |difference| {what}: {diff:.3g}")
+    return diff
+
+
+def test_dynamic_map_is_bitsandbytes():
+    assert torch.equal(dynamic_map(), bnbf.create_dynamic_map(signed=True))
+
+
+# (2432, 768): the 768x8 model's gate_proj; (96, 320) leaves 224 absmax values in its last 256-block
+@pytest.mark.parametrize("shape", [(32, 64), (96, 320), (2432, 768)])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_weight_equals_bitsandbytes(shape, double_quant):
+    torch.manual_seed(0)
+    w = torch.randn(shape) * torch.rand(shape[0], 1) * 0.05  # rows of different scales spread the absmax values
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
+    theirs = bnbf.dequantize_4bit(packed, state)
+    q = QuantizedWeight(w, "nf4", double_quant)
+    assert torch.equal(q.codes.view(-1), packed.view(-1))  # same codes, same nibble order
+    assert max_diff(q.dequantize(), theirs, f"NF4 {shape} double_quant={double_quant} vs bitsandbytes") <= 1e-6
+
+
+def test_int8_weight_equals_bitsandbytes_rowwise():
+    torch.manual_seed(0)
+    w = torch.randn(96, 64) * torch.rand(96, 1)
+    codes, row_absmax, _ = bnbf.int8_vectorwise_quant(w.clone())
+    q = QuantizedWeight(w, "int8")
+    assert torch.equal(q.codes, codes) and torch.equal(q.scale, row_absmax)
+    assert max_diff(q.dequantize(), bnbf.int8_vectorwise_dequant(codes, row_absmax), "int8 vs bitsandbytes") <= 1e-6
+
+
+def test_bytes_and_bits_per_weight_by_hand():
+    model = base_model()
+    numel = sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("_proj"))
+    q = quantize_base(model, "nf4")
+    # per weight: half a byte of code, one 8-bit absmax per 64, one float32 scale per 64*256; one offset per layer
+    blocks = numel // 64
+    layers = 14
+    assert q["layers"] == layers and q["fp32_bytes"] == 4 * numel
+    assert q["bytes"] == numel // 2 + blocks + 4 * sum(-(-n // 256) for n in _blocks_per_layer(model)) + 4 * layers
+    assert 4.12 < q["bits_per_weight"] < 4.14
+    model = base_model()
+    assert quantize_base(model, "nf4", double_quant=False)["bits_per_weight"] == 4.5
+    assert quantize_base(base_model(), "int8")["bytes"] == numel + 4 * sum(
+        m.out_features for n, m in base_model().named_modules() if n.endswith("_proj"))
+
+
+def _blocks_per_layer(model):
+    return [m.shape[0] * m.shape[1] // 64 for _, m in model.named_modules()
+            if isinstance(m, QuantizedWeight)]
+
+
+def test_only_projections_are_quantised_and_no_gradient_reaches_them():
+    model = base_model()
+    quantize_base(model, "nf4")
+    kinds = {n.rsplit(".", 2)[-2] for n, m in model.named_modules() if isinstance(m, QuantizedWeight)}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    names = {n for n, _ in model.named_parameters()}
+    assert "model.embed_tokens.weight" in names and "model.norm.weight" in names
+    assert not any(n.endswith("_proj.weight") for n in names)  # buffers, not Parameters
+    apply_lora(model, rank=4, target_modules="all-linear")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in lora_parameters(model)}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qbase")
+    weight = save_model(base_model(), folder / "full_sft_64.pth")
+    convert(["--to_hf", str(folder / "hf"), "--weight", str(weight)])
+    return weight, folder / "hf"
+
+
+def test_nf4_lora_model_gives_transformers_4bit_with_peft_logits(tmp_path, exported):
+    weight, hf_dir = exported
+    ours = base_model()
+    quantize_base(ours, "nf4")
+    apply_lora(ours, rank=4, alpha=8, target_modules="all-linear")
+    randomize_B(ours)
+    lora = save_lora(ours, tmp_path / "lora_q_64.pth")
+    assert json.loads(read_lora_file(lora)[CONFIG_KEY])["base"]["quantization"] == \
+           {"kind": "nf4", "blocksize": 64, "double_quant": True}
+    convert(["--to_peft", str(tmp_path / "peft"), "--weight", str(weight), "--lora", str(lora),
+             "--base_model_name_or_path", str(hf_dir)])
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    hf = transformers.Qwen3ForCausalLM.from_pretrained(hf_dir, quantization_config=config, device_map="cpu",
+                                                       dtype=torch.float32)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    assert max_diff(logits(ours), logits(theirs), "our NF4 + LoRA vs transformers 4-bit + PEFT") <= 1e-4
+    with theirs.disable_adapter():
+        assert not torch.allclose(logits(ours), logits(theirs), atol=1e-3)  # the adapter is really on
+    float_base = base_model()
+    load_lora(float_base, lora)
+    assert not torch.allclose(logits(ours), logits(float_base), atol=1e-3)  # and the base is really 4-bit
+
+
+def _float_lora(quantised):
+    """The same model with float weights equal to the dequantised ones (a deep copy; the original stays 4-bit)."""
+    import copy
+    model = copy.deepcopy(quantised)
+    dequantize_base(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_training_gradients_equal_the_dequantised_float_models_and_reach_only_a_and_b(kind):
+    model = base_model()
+    quantize_base(model, kind)
+    apply_lora(model, rank=4, target_modules="all-linear")
+    randomize_B(model)
+    model.train()
+    reference = _float_lora(model)
+    codes = {n: b.clone() for n, b in model.named_buffers()}
+    for m in (model, reference):
+        m(TOKENS, labels=TOKENS).loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == {n for n, p in model.named_parameters() if ".lora." in n}
+    ref = dict(reference.named_parameters())
+    worst = max((g - ref[n].grad).abs().max() for n, g in grads.items())
+    assert max_diff(worst, torch.zeros(()), f"{kind} base: A and B gradients vs the dequantised float model") <= 1e-6
+    torch.optim.AdamW(lora_parameters(model), lr=1e-2).step()
+    assert all(torch.equal(b, codes[n]) for n, b in model.named_buffers())
+
+
+def test_merge_needs_dequantising_and_then_equals_the_unmerged_model():
+    model = base_model()
+    quantize_base(model, "nf4")
+    apply_lora(model, rank=4, target_modules="all-linear")
+    randomize_B(model)
+    unmerged = logits(model)
+    with pytest.raises(LoRAError, match="cannot merge into a quantised base; call .*dequantize_base"):
+        merge_lora(model)
+    assert dequantize_base(model) == 14 and quantization_of(model) is None
+    merge_lora(model)
+    assert max_diff(logits(model), unmerged, "merged on the dequantised base vs unmerged NF4") <= 1e-5
+
+
+def test_bad_input_is_one_line():
+    with pytest.raises(QuantizeError, match=r"^unknown quantisation 'nf8'; choose nf4 .* or int8 .*, or none$"):
+        quantize_base(base_model(), "nf8")
+    model = base_model(intermediate_size=160)  # down_proj's input is not a multiple of 64
+    with pytest.raises(QuantizeError, match=r"^model\.layers\.0\.mlp\.down_proj: input size 160 is not a multiple "
+                                            r"of the NF4 block size 64 .*; use --quantize_base int8 or none$"):
+        quantize_base(model, "nf4")
+    assert quantization_of(model) is None  # nothing changed
+    assert quantize_base(model, "int8")["layers"] == 14  # int8 has no blocks
