@@ -1,5 +1,6 @@
 """QLoRA's quantised base (model/quantize.py) against bitsandbytes, and transformers + bitsandbytes + PEFT."""
 import json
+from pathlib import Path
 
 import bitsandbytes.functional as bnbf
 import peft
@@ -7,13 +8,21 @@ import pytest
 import torch
 import transformers
 
-from model.checkpoint import save_model
-from model.model_lora import (CONFIG_KEY, LoRAError, apply_lora, load_lora, lora_parameters, merge_lora,
-                              read_lora_file, save_lora)
+import eval_llm
+from model.checkpoint import load_model, save_model
+from model.model_lora import (CONFIG_KEY, AdapterBank, LoRAError, apply_lora, load_lora, lora_parameters, merge_lora,
+                              read_lora_file, save_lora, set_adapter)
 from model.quantize import (QuantizedWeight, QuantizeError, dequantize_base, dynamic_map, quantization_of,
                             quantize_base)
+from model.tokenizer import Tokenizer
 from scripts.convert_model import main as convert
+from tests.conftest import random_adapter, varied_model
 from tests.test_lora import TOKENS, base_model, logits, randomize_B
+from tests.test_trainer import TINY, head
+from trainer import train_lora
+from trainer.trainer_utils import run_main
+
+DEMO = Path(__file__).resolve().parent.parent / "dataset" / "demo"
 
 
 def max_diff(ours, theirs, what: str) -> float:
@@ -163,3 +172,96 @@ def test_bad_input_is_one_line():
         quantize_base(model, "nf4")
     assert quantization_of(model) is None  # nothing changed
     assert quantize_base(model, "int8")["layers"] == 14  # int8 has no blocks
+
+
+def test_bank_rows_on_a_quantised_base_equal_each_adapter_loaded_the_usual_way(tmp_path):
+    # the server's per-row adapters (AdapterBank) over an NF4 base, against load_lora on the same NF4 base
+    files = {}
+    for name, kw in (("a", {}), ("b", dict(rank=8, target_modules="all-linear"))):
+        model = varied_model(0)
+        quantize_base(model, "nf4")
+        random_adapter(model, name, tmp_path / f"{name}.pth", **kw)
+        files[name] = tmp_path / f"{name}.pth"
+    ref = varied_model(0)
+    quantize_base(ref, "nf4")
+    for name, path in files.items():
+        load_lora(ref, path, name)
+    x = torch.randint(0, 3000, (3, 6))
+    want = []
+    for row, name in enumerate(["a", None, "b"]):
+        set_adapter(ref, name)
+        want.append(logits(ref, x[row:row + 1])[0])
+    model = varied_model(0)
+    quantize_base(model, "nf4")
+    bank = AdapterBank(model, slots=2, max_rank=8)
+    bank.load(1, files["a"])
+    bank.load(2, files["b"])
+    bank.select([1, 0, 2])
+    got = logits(model, x)
+    assert max(max_diff(got[r], want[r], f"bank row {r} on NF4") for r in range(3)) <= 1e-4
+    assert not torch.allclose(want[0], want[1], atol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny base in out/ and an adapter train_lora.py trained on its NF4 form for 2 steps."""
+    out = tmp_path_factory.mktemp("qlora") / "out"
+    save_model(varied_model(0), out / "full_sft_64.pth")
+    data = head(DEMO / "lora_identity.jsonl", out.parent / "persona.jsonl", 8)
+    code = run_main(train_lora.main, TINY + ["--save_dir", str(out), "--data_path", str(data), "--replay_data", "none",
+                                             "--max_steps", "2", "--lora_rank", "4", "--quantize_base", "nf4"])
+    assert code == 0
+    return out
+
+
+def test_train_lora_quantize_base_trains_and_records_it(trained, capsys):
+    config = json.loads(read_lora_file(trained / "lora" / "persona_64.pth")[CONFIG_KEY])
+    assert config["base"]["quantization"] == {"kind": "nf4", "blocksize": 64, "double_quant": True}
+    assert "probe" in config["base"] and "model.embed_tokens.weight" in config["base"]["probe"]
+    code = run_main(train_lora.main, TINY + ["--save_dir", str(trained), "--data_path", str(DEMO / "lora_identity.jsonl"),
+                                             "--quantize_base", "nf4", "--use_compile", "1"])
+    assert code == 2
+    assert capsys.readouterr().err == "error: --use_compile 1 with --quantize_base is not supported; drop one of them\n"
+
+
+def _reply(model, tok, prompt="hello"):
+    ids = torch.tensor([tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                tokenize=True)])
+    new = model.generate(ids, 8, temperature=0, eos_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+    return tok.decode(new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new, skip_special_tokens=True)
+
+
+def test_eval_llm_quantize_base_and_merge_say_what_they_do(trained, capsys):
+    tok = Tokenizer()
+    ref = load_model(trained / "full_sft_64.pth").eval()
+    quantize_base(ref, "nf4")
+    load_lora(ref, trained / "lora" / "persona_64.pth")
+    want = _reply(ref, tok)
+    args = ["--save_dir", str(trained), "--hidden_size", "64", "--temperature", "0", "--max_new_tokens", "8",
+            "--lora_weight", "persona", "--quantize_base", "nf4", "--prompt", "hello"]
+    for extra in ([], ["--merge"]):
+        assert eval_llm.main(args + extra) == 0
+        out = capsys.readouterr()
+        assert out.out == f"> hello\n[persona] {want}\n"
+        assert "base projections in nf4 (double-quantised absmax): 14 layers" in out.err
+        merged = "--merge on a nf4 base: its projections are dequantised to full precision and the adapter merged"
+        assert (merged in out.err) == bool(extra)
+    assert eval_llm.main(args + ["--compile"]) == 2
+    assert capsys.readouterr().err.endswith("error: --compile with --quantize_base is not supported (the compiled "
+                                            "step is built for float weights); drop one of them\n")
+
+
+def test_convert_merge_onto_the_quantised_base_is_full_precision_and_says_so(trained, tmp_path, capsys):
+    lora = trained / "lora" / "persona_64.pth"
+    convert(["--merge", "--weight", str(trained / "full_sft_64.pth"), "--lora", str(lora), "--out",
+             str(tmp_path / "merged_64.pth"), "--quantize_base", "nf4"])
+    assert capsys.readouterr().out == (
+        f"merged {lora} into {trained / 'full_sft_64.pth'} -> {tmp_path / 'merged_64.pth'} (on the nf4-dequantised "
+        f"base the adapter was trained on; written in full precision, float32, not nf4)\n")
+    merged = load_model(tmp_path / "merged_64.pth").eval()
+    assert merged.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    ref = load_model(trained / "full_sft_64.pth").eval()
+    quantize_base(ref, "nf4")
+    load_lora(ref, lora)
+    x = torch.randint(0, 3000, (1, 12))
+    assert max_diff(logits(merged, x), logits(ref, x), "merged checkpoint vs NF4 base + adapter") <= 1e-5
