@@ -220,6 +220,17 @@ def quantize_base(model, kind: str, double_quant: bool = True, blocksize: int = 
     return quantization_of(root)
 
 
+def quantized_bytes(out_features: int, in_features: int, kind: str, double_quant: bool = True,
+                    blocksize: int = NF4_BLOCK) -> int:
+    """What QuantizedWeight stores for a (out, in) matrix, worked out from the shape (for models on the meta device)."""
+    n = out_features * in_features
+    if kind == "int8":
+        return n + 4 * out_features  # a code per weight, a float32 absmax per row
+    blocks = n // blocksize
+    absmax = blocks + 4 * -(-blocks // ABSMAX_BLOCK) + 4 if double_quant else 4 * blocks
+    return n // 2 + absmax
+
+
 def quantized_weights(model) -> list[tuple[str, QuantizedWeight]]:
     return [(n.removesuffix(".weight"), m) for n, m in unwrap(model).named_modules() if isinstance(m, QuantizedWeight)]
 

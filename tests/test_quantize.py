@@ -1,4 +1,6 @@
 """QLoRA's quantised base (model/quantize.py) against bitsandbytes, and transformers + bitsandbytes + PEFT."""
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -13,9 +15,10 @@ from model.checkpoint import load_model, save_model
 from model.model_lora import (CONFIG_KEY, AdapterBank, LoRAError, apply_lora, load_lora, lora_parameters, merge_lora,
                               read_lora_file, save_lora, set_adapter)
 from model.quantize import (QuantizedWeight, QuantizeError, dequantize_base, dynamic_map, quantization_of,
-                            quantize_base)
+                            quantize_base, quantized_bytes)
 from model.tokenizer import Tokenizer
 from scripts.convert_model import main as convert
+from scripts.lora_stats import main as lora_stats
 from tests.conftest import random_adapter, varied_model
 from tests.test_lora import TOKENS, base_model, logits, randomize_B
 from tests.test_trainer import TINY, head
@@ -59,23 +62,28 @@ def test_int8_weight_equals_bitsandbytes_rowwise():
 
 def test_bytes_and_bits_per_weight_by_hand():
     model = base_model()
-    numel = sum(m.in_features * m.out_features for n, m in model.named_modules() if n.endswith("_proj"))
+    shapes = [(m.out_features, m.in_features) for n, m in model.named_modules() if n.endswith("_proj")]
+    numel = sum(d * k for d, k in shapes)
     q = quantize_base(model, "nf4")
-    # per weight: half a byte of code, one 8-bit absmax per 64, one float32 scale per 64*256; one offset per layer
-    blocks = numel // 64
-    layers = 14
-    assert q["layers"] == layers and q["fp32_bytes"] == 4 * numel
-    assert q["bytes"] == numel // 2 + blocks + 4 * sum(-(-n // 256) for n in _blocks_per_layer(model)) + 4 * layers
+    # a half-byte code per weight, an 8-bit absmax per 64, a float32 scale per 256 absmax, a float32 mean per layer
+    nf4 = numel // 2 + numel // 64 + sum(4 * -(-(d * k // 64) // 256) + 4 for d, k in shapes)
+    assert (q["layers"], q["bytes"], q["fp32_bytes"]) == (14, nf4, 4 * numel)
     assert 4.12 < q["bits_per_weight"] < 4.14
-    model = base_model()
-    assert quantize_base(model, "nf4", double_quant=False)["bits_per_weight"] == 4.5
-    assert quantize_base(base_model(), "int8")["bytes"] == numel + 4 * sum(
-        m.out_features for n, m in base_model().named_modules() if n.endswith("_proj"))
+    assert sum(quantized_bytes(d, k, "nf4") for d, k in shapes) == nf4  # lora_stats' count from shapes alone
+    assert quantize_base(base_model(), "nf4", double_quant=False)["bits_per_weight"] == 4 + 32 / 64
+    int8 = numel + 4 * sum(d for d, _ in shapes)  # a code per weight, a float32 absmax per row
+    assert quantize_base(base_model(), "int8")["bytes"] == int8 == sum(quantized_bytes(d, k, "int8") for d, k in shapes)
 
 
-def _blocks_per_layer(model):
-    return [m.shape[0] * m.shape[1] // 64 for _, m in model.named_modules()
-            if isinstance(m, QuantizedWeight)]
+def test_lora_stats_shows_the_quantised_base_of_minimind3():
+    # 8 layers of q,o 768x768, k,v 384x768, gate,up 2432x768, down 768x2432: 58,982,400 weights, 225.0 MiB in fp32;
+    # NF4: 29,491,200 + 921,600 absmax bytes + 8 * (4 * (36+18+18+36+3*114) + 7 * 4) = 30,427,424 bytes
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        lora_stats(["--preset", "minimind3", "--quantize_base", "nf4"])
+    assert out.getvalue().splitlines()[-1].startswith(
+        f"--quantize_base nf4 (blocks of 64, double-quantised absmax): the projections take 29.0 MiB instead of "
+        f"225.0 MiB in float32 ({30427424 / (4 * 58982400):.3f}x, {8 * 30427424 / 58982400:.3f} bits per weight)")
 
 
 def test_only_projections_are_quantised_and_no_gradient_reaches_them():
@@ -218,8 +226,9 @@ def test_train_lora_quantize_base_trains_and_records_it(trained, capsys):
     config = json.loads(read_lora_file(trained / "lora" / "persona_64.pth")[CONFIG_KEY])
     assert config["base"]["quantization"] == {"kind": "nf4", "blocksize": 64, "double_quant": True}
     assert "probe" in config["base"] and "model.embed_tokens.weight" in config["base"]["probe"]
-    code = run_main(train_lora.main, TINY + ["--save_dir", str(trained), "--data_path", str(DEMO / "lora_identity.jsonl"),
-                                             "--quantize_base", "nf4", "--use_compile", "1"])
+    code = run_main(train_lora.main, TINY + ["--save_dir", str(trained), "--data_path",
+                                             str(DEMO / "lora_identity.jsonl"), "--quantize_base", "nf4",
+                                             "--use_compile", "1"])
     assert code == 2
     assert capsys.readouterr().err == "error: --use_compile 1 with --quantize_base is not supported; drop one of them\n"
 
