@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.checkpoint import (REPO_ROOT, CheckpointError, atomic_json_save, atomic_write, hf_config_dict,  # noqa: E402
                               load_config, load_state_dict_strict, safe_torch_load, save_model)
-from model.model_lora import find_adapter, load_lora, merge_lora, read_lora_file, unload_lora  # noqa: E402
+from model.model_lora import (CONFIG_KEY, find_adapter, load_lora, merge_lora, read_lora_file,  # noqa: E402
+                              unload_lora)
 from model.model_minimind import MiniMindForCausalLM  # noqa: E402
 from model.quantize import KINDS, dequantize_base, quantize_base  # noqa: E402
 from model.hf_io import convert_hf_folder  # noqa: E402
@@ -55,10 +56,25 @@ def load_merged(weight, lora=None, save_dir=REPO_ROOT / "out", quantize_base_as=
         dequantize_base(model)
         dtype = torch.float32  # the dequantised values are not those of a bf16/fp16 file
     if lora:
-        load_lora(model, find_adapter(existing(lora), model.config.hidden_size, out_dir=save_dir))
+        path = find_adapter(existing(lora), model.config.hidden_size, out_dir=save_dir)
+        trained_on = _trained_on_quantised(path)
+        if trained_on and quantize_base_as in (None, "none"):
+            print(f"note: {path} was trained on a {trained_on} base; it is merged onto the float base as given "
+                  f"(--quantize_base {trained_on}: onto the dequantised weights it was trained on)", file=sys.stderr)
+        load_lora(model, path)
         merge_lora(model)
         unload_lora(model)
     return model.eval(), dtype
+
+
+def _trained_on_quantised(path):
+    """The quantisation an adapter's config records for its base ("nf4", "int8"), or None."""
+    config = read_lora_file(path).get(CONFIG_KEY)
+    try:
+        quantization = ((json.loads(config) if isinstance(config, str) else config or {}).get("base") or {})
+        return (quantization.get("quantization") or {}).get("kind")
+    except (ValueError, AttributeError):
+        return None  # load_lora names what is wrong with the config
 
 
 def export_hf(model: MiniMindForCausalLM, out_dir, dtype: torch.dtype, tokenizer_dir=REPO_ROOT / "model") -> None:

@@ -12,6 +12,7 @@ import transformers
 
 import eval_llm
 from model.checkpoint import load_model, save_model
+from model.engine import Engine, Request
 from model.model_lora import (CONFIG_KEY, AdapterBank, LoRAError, apply_lora, load_lora, lora_parameters, merge_lora,
                               read_lora_file, save_lora, set_adapter)
 from model.quantize import (QuantizedWeight, QuantizeError, dequantize_base, dynamic_map, quantization_of,
@@ -19,7 +20,8 @@ from model.quantize import (QuantizedWeight, QuantizeError, dequantize_base, dyn
 from model.tokenizer import Tokenizer
 from scripts.convert_model import main as convert
 from scripts.lora_stats import main as lora_stats
-from tests.conftest import random_adapter, varied_model
+from tests.conftest import random_adapter, solo_reply, varied_model
+from tests.test_engine import run as run_together
 from tests.test_lora import TOKENS, base_model, logits, randomize_B
 from tests.test_trainer import TINY, head
 from trainer import train_lora
@@ -274,3 +276,32 @@ def test_convert_merge_onto_the_quantised_base_is_full_precision_and_says_so(tra
     load_lora(ref, lora)
     x = torch.randint(0, 3000, (1, 12))
     assert max_diff(logits(merged, x), logits(ref, x), "merged checkpoint vs NF4 base + adapter") <= 1e-5
+
+
+def test_engine_serves_per_row_adapters_on_a_quantised_base(tmp_path):
+    def nf4_model():
+        model = varied_model(0)
+        quantize_base(model, "nf4")
+        return model
+
+    tok = Tokenizer()
+    prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    random_adapter(nf4_model(), "a", tmp_path / "a.pth", target_modules="all-linear")
+    want = {name: solo_reply(nf4_model(), tok, prompt, 6, path) for name, path in (("a", tmp_path / "a.pth"),
+                                                                                    (None, None))}
+    assert want["a"] != want[None]
+    engine = Engine(nf4_model(), tok, max_batch=2, max_seq_len=64, max_loras=1).start()
+    try:
+        engine.register("a", tmp_path / "a.pth")
+        events = run_together(engine, Request(prompt, "a", max_tokens=6), Request(prompt, None, max_tokens=6))
+        assert {"a": events[0][-1]["text"], None: events[1][-1]["text"]} == want
+    finally:
+        engine.stop()
+
+
+def test_convert_notes_a_qlora_adapter_merged_onto_the_float_base(trained, tmp_path, capsys):
+    lora = trained / "lora" / "persona_64.pth"
+    convert(["--merge", "--weight", str(trained / "full_sft_64.pth"), "--lora", str(lora), "--out",
+             str(tmp_path / "merged_64.pth")])
+    assert capsys.readouterr().err == (f"note: {lora} was trained on a nf4 base; it is merged onto the float base as "
+                                       f"given (--quantize_base nf4: onto the dequantised weights it was trained on)\n")
