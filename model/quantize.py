@@ -163,11 +163,13 @@ class _DequantLinear(torch.autograd.Function):
     from forward to backward in every layer would cost the memory the 4 bits save."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")  # under CUDA autocast, the backward product runs in the forward's dtype
     def forward(ctx, x, weight: QuantizedWeight, bias):
         ctx.weight = weight
         return F.linear(x, weight.dequantize(x.dtype), bias)
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         grad_x = grad @ ctx.weight.dequantize(grad.dtype) if ctx.needs_input_grad[0] else None
         grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None

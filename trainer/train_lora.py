@@ -73,7 +73,8 @@ def main(argv=None):
         if out.exists() and not args.overwrite and not args.from_resume:
             raise TrainError(f"{out} exists; pass --overwrite 1 to replace it, or --lora_name NAME to save another "
                              f"adapter")
-        quantized = f"; {describe_quantization(model)}" if args.quantize_base != "none" else ""
+        quantized = (f"; {describe_quantization(model)} (buffers, not counted as parameters)"
+                     if args.quantize_base != "none" else "")
         return lora_parameters(model, args.lora_name), trainable_summary(model, counts=False) + quantized
 
     def resume(model, state):
