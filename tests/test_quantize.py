@@ -305,3 +305,12 @@ def test_convert_notes_a_qlora_adapter_merged_onto_the_float_base(trained, tmp_p
              str(tmp_path / "merged_64.pth")])
     assert capsys.readouterr().err == (f"note: {lora} was trained on a nf4 base; it is merged onto the float base as "
                                        f"given (--quantize_base nf4: onto the dequantised weights it was trained on)\n")
+
+
+def test_server_says_what_it_does_not_support_on_a_quantised_base(trained, capsys):
+    from scripts import serve_openai_api
+    code = serve_openai_api.main(["--save_dir", str(trained), "--hidden_size", "64", "--quantize_base", "nf4",
+                                  "--compile"])
+    assert code == 2
+    assert capsys.readouterr().err.endswith("error: --compile with --quantize_base is not supported (the compiled "
+                                            "step is built for float weights); drop one of them\n")
