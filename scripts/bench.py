@@ -599,7 +599,7 @@ def qlora_child(spec: dict) -> dict:
             losses = {name: m(input_ids=x, labels=x).loss.item() for name, (m, _) in models.items()}
         q = quantization_of(models["nf4"][0])
         t = interleaved({name: (lambda m=m, o=o: train_step(m, o, x, x)) for name, (m, o) in models.items()},
-                        spec["repeats"], dev, warmup=2)
+                        spec["repeats"], dev, warmup=spec["warmup"])
         return {"times": t, "losses": losses, "bytes": q["bytes"], "fp32_bytes": q["fp32_bytes"],
                 "bits_per_weight": q["bits_per_weight"]}
     (model, optimizer), = qlora_models(spec, (spec["measure"],)).values()
@@ -636,20 +636,21 @@ def bench_qlora(args):
     mem = "peak alloc MB" if args.device.startswith("cuda") else "peak RSS MB"
     for dims, batch, seq in scales:
         spec = {"child": "qlora", "dims": dims, "batch": batch, "seq": seq, "repeats": args.repeats,
-                "device": args.device, "threads": args.threads}
+                "warmup": 1 if args.quick else 2, "device": args.device, "threads": args.threads}
         r = run_child({**spec, "measure": "time"})
-        memory = {name: run_child({**spec, "measure": name}) for name in labels}  # a fresh process each
+        # memory: a fresh process each (peak RSS never goes down); --quick leaves it out, as a smoke test
+        memory = {} if args.quick else {name: run_child({**spec, "measure": name}) for name in labels}
         for name, label in labels.items():
             rows.append({"scale": scale_name(dims), "batch x seq": f"{batch}x{seq}", "setting": label,
                          "step ms": 1e3 * med(r["times"][name]), "first loss": r["losses"][name],
-                         "resident before step MB": memory[name]["resident"] / 2**20,
-                         mem: memory[name]["peak"] / 2**20})
+                         **({"resident before step MB": memory[name]["resident"] / 2**20,
+                             mem: memory[name]["peak"] / 2**20} if memory else {})})
         for key, (a, b) in (("ours NF4 / theirs QLoRA", ("nf4", "theirs")),
                             ("ours NF4 / ours fp32 LoRA", ("nf4", "fp32"))):
             lo, mid, hi = spread(r["times"][a], r["times"][b])
-            notes.append(f"ratio {key} step time at {scale_name(dims)}: {mid:.2f}x (min {lo:.2f}, max {hi:.2f}); "
-                         f"peak memory {memory[a]['peak'] / memory[b]['peak']:.2f}x; target <= {QLORA_TARGETS[key]}x: "
-                         f"{verdict(mid <= QLORA_TARGETS[key])}")
+            peak = f"; peak memory {memory[a]['peak'] / memory[b]['peak']:.2f}x" if memory else ""
+            notes.append(f"ratio {key} step time at {scale_name(dims)}: {mid:.2f}x (min {lo:.2f}, max {hi:.2f})"
+                         f"{peak}; target <= {QLORA_TARGETS[key]}x: {verdict(mid <= QLORA_TARGETS[key])}")
         if dims is scales[-1][0]:
             share = r["bytes"] / r["fp32_bytes"]
             notes.append(f"ratio NF4 / fp32 frozen projection bytes at {scale_name(dims)}: {share:.4f}x "
@@ -661,9 +662,10 @@ def bench_qlora(args):
                  f"weights and adapters in all three (first loss: the same batch before any step). theirs = "
                  f"transformers {transformers.__version__} loading our --to_hf export with BitsAndBytesConfig(nf4, "
                  f"double quantisation, compute float32) + peft {peft.__version__} get_peft_model; bitsandbytes "
-                 f"{bitsandbytes.__version__}. Time: one process, the three steps interleaved after 2 warmups, "
-                 f"{args.threads} threads. Memory: one fresh process per setting; resident = after building and one "
-                 f"step, peak = the highest during the next step.")
+                 f"{bitsandbytes.__version__}. Time: one process, the three steps interleaved after "
+                 f"{spec['warmup']} untimed round(s), {args.threads} threads. Memory" + (": not measured with --quick." if args.quick
+                 else ": one fresh process per setting; resident = after building and one step, peak = the highest "
+                      "during the next step."))
     return rows, notes
 
 
