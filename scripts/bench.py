@@ -663,9 +663,9 @@ def bench_qlora(args):
                  f"transformers {transformers.__version__} loading our --to_hf export with BitsAndBytesConfig(nf4, "
                  f"double quantisation, compute float32) + peft {peft.__version__} get_peft_model; bitsandbytes "
                  f"{bitsandbytes.__version__}. Time: one process, the three steps interleaved after "
-                 f"{spec['warmup']} untimed round(s), {args.threads} threads. Memory" + (": not measured with --quick." if args.quick
-                 else ": one fresh process per setting; resident = after building and one step, peak = the highest "
-                      "during the next step."))
+                 f"{spec['warmup']} untimed round(s), {args.threads} threads. Memory: "
+                 + ("not measured with --quick." if args.quick else "one fresh process per setting; resident = after "
+                    "building and one step, peak = the highest during the next step."))
     return rows, notes
 
 
