@@ -605,6 +605,9 @@ def qlora_child(spec: dict) -> dict:
     (model, optimizer), = qlora_models(spec, (spec["measure"],)).values()
     train_step(model, optimizer, x, x)  # optimizer state and allocator pools exist before the peak is reset
     sync(dev)
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap (the float base quantised from)
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     if dev.startswith("cuda"):
         resident = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
