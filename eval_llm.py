@@ -33,6 +33,7 @@ from dataset.lm_dataset import PadCollator, PretrainDataset, SFTDataset  # noqa:
 from model.checkpoint import atomic_json_save, load_model  # noqa: E402
 from model.model_lora import (LoRAError, active_adapter, default_adapter_name, find_adapter,  # noqa: E402
                               list_adapters, load_lora, merge_lora, set_adapter, unmerge_lora)
+from model.quantize import KINDS, dequantize_base, describe_quantization, quantize_base  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 from trainer.trainer_utils import (MAKES, HelpFormatter, evaluate_loss, first_sentence, nonnegative_int,  # noqa: E402
                                    positive_int, run_main, weight_path)
@@ -54,6 +55,8 @@ def add_base_args(a) -> None:
     a("--num_key_value_heads", type=int, default=None, help="only for checkpoints without a .json config")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="on CUDA; the CPU uses float32")
+    a("--quantize_base", default="none", choices=["none", *KINDS],
+      help="keep the base's projections in 4-bit NF4 or int8 (as QLoRA trains them), dequantised on the fly")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -180,6 +183,12 @@ def load_base(args, tok, weight: str):
     if model.config.vocab_size != tok.vocab_size:
         raise EvalError(f"{path}: vocab size {model.config.vocab_size} differs from the tokenizer's {tok.vocab_size}")
     log(f"base: {path} ({model.num_parameters() / 1e6:.2f}M parameters, device {device})")
+    if getattr(args, "quantize_base", "none") != "none":
+        if getattr(args, "compile", False):
+            raise EvalError("--compile with --quantize_base is not supported (the compiled step is built for float "
+                            "weights); drop one of them")
+        quantize_base(model, args.quantize_base)
+        log(describe_quantization(model))
     model.weight_name = path.stem  # names the base in eval rows
     return model
 
@@ -192,6 +201,9 @@ def load(args):
     adapters = [load_adapter(model, spec, args) for spec in split_list(args.lora_weight)]
     if args.merge and not adapters:
         raise EvalError("--merge needs an adapter (--lora_weight NAME)")
+    if args.merge and dequantize_base(model):
+        log(f"--merge on a {args.quantize_base} base: its projections are dequantised to full precision and the "
+            f"adapter merged there (the {args.quantize_base} storage is given up)")
     switch(model, adapters[0] if adapters else None, args.merge)
     return model, tok, adapters
 

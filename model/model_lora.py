@@ -114,7 +114,9 @@ class LoRALinear(nn.Module):
         self.bank: Optional["AdapterBank"] = None  # serving: one adapter per batch row (see AdapterBank)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        # a quantised W0 (model/quantize.py) is a module that dequantises itself for the product
+        quantised = not isinstance(self.weight, torch.Tensor)
+        y = self.weight.linear(x, self.bias) if quantised else F.linear(x, self.weight, self.bias)
         if self.bank is not None and self.bank.rows is not None:
             return self.bank.add_rows(self, y, x)
         if self.active_adapter is None or self.merged_adapter is not None:
@@ -123,6 +125,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
+        if not isinstance(self.weight, torch.Tensor):
+            raise LoRAError("cannot merge into a quantised base; call model.quantize.dequantize_base(model) first "
+                            "(the merged weights are then full precision)")
         # In bf16/fp16, W0 + delta - delta rounds twice (5% of a bf16 W0's entries moved): keep W0 to restore it.
         self.unmerged_weight = None if self.weight.dtype == torch.float32 else self.weight.detach().clone()
         self.weight.copy_((self.weight.float() + self.lora[name].delta_weight()).to(self.weight.dtype))
@@ -278,7 +283,9 @@ def base_fingerprint(model, layers: Iterable[tuple[str, nn.Module]]) -> dict:
     keys = ["model.embed_tokens.weight"] + [f"{name}.weight" for name, _ in list(layers)[:1]]
     probe = {k: v for k in keys if (v := _probe(root, k))}
     name = getattr(root, "name_or_path", None)
-    return {**dims, "layer_shapes": shapes, "probe": probe, **({"name_or_path": name} if name else {})}
+    quantization = getattr(root, "quantization", None)  # set by model/quantize.py: the W0 the adapter was trained on
+    return {**dims, "layer_shapes": shapes, "probe": probe, **({"name_or_path": name} if name else {}),
+            **({"quantization": quantization} if quantization else {})}
 
 
 PROBE_POINTS = 16

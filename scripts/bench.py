@@ -1,6 +1,6 @@
 """Benchmarks: LoRA's claims and the pipeline's speed, measured side by side with the ecosystem.
 
-    python scripts/bench.py [order lora_vs_full inference batching ecosystem serve gpu] [--quick]
+    python scripts/bench.py [order lora_vs_full inference batching ecosystem qlora serve gpu] [--quick]
                             [--device cpu|cuda] [--repeats N] [--threads N] [--write [docs/BENCHMARKS.md]]
 
 No names runs them all (gpu only with --device cuda). Each sub-benchmark is one function returning
@@ -8,7 +8,7 @@ No names runs them all (gpu only with --device cuda). Each sub-benchmark is one 
 never asserted). --write rewrites the named sections of docs/BENCHMARKS.md and keeps the others.
 Timing: time.perf_counter, warmup first, median of repeats, explicit torch threads; competing variants run
 interleaved (a, b, a, b, ...) so that machine noise hits both alike. --quick: tiny sizes, a smoke test.
-transformers and peft are imported lazily, by `ecosystem` only.
+transformers, peft and bitsandbytes are imported lazily, by `ecosystem` and `qlora` only.
 """
 import argparse
 import contextlib
@@ -38,7 +38,7 @@ from dataset.lm_dataset import (DEMO_DIR, LengthGroupedBatchSampler, PadCollator
 from model.model_lora import apply_lora, lora_layers, merge_lora, set_adapter, unmerge_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
-ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "serve", "gpu")
+ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "qlora", "serve", "gpu")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 DEMO = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
 MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
@@ -541,6 +541,137 @@ def eco_row(dims, task, t) -> dict:
             "theirs ms": 1e3 * med(t["theirs"]), "ratio min": lo, "ratio med": mid, "ratio max": hi}
 
 
+# ---- 5b. qlora: LoRA on an NF4 base, against our fp32 LoRA and transformers + bitsandbytes + PEFT -------------
+
+QLORA_TARGETS = {"ours NF4 / theirs QLoRA": 0.9, "ours NF4 / ours fp32 LoRA": 1.5, "NF4 / fp32 projection bytes": 0.16}
+
+
+def qlora_models(spec: dict, variants) -> dict:
+    """{variant: (model, optimizer)} with identical base weights and adapters: r=8, alpha 16, all-linear, training
+    mode. "nf4": ours on quantize_base(nf4); "fp32": ours on the float base; "theirs": our --to_hf export loaded by
+    transformers with BitsAndBytesConfig (NF4, double quantisation, float32 compute), get_peft_model on top."""
+    from model.quantize import quantize_base
+    dev, base = spec["device"], build_model(spec["dims"], spec["device"])
+    models = {}
+    for name in ("fp32", "nf4"):
+        if name in variants or "theirs" in variants:
+            m = copy.deepcopy(base)
+            if name == "nf4":
+                quantize_base(m, "nf4")
+            apply_lora(m, rank=8, alpha=16, target_modules="all-linear")
+            randomize_lora_B(m)
+            models[name] = m.train()
+    if "theirs" in variants:
+        import peft
+        import transformers
+        from scripts.convert_model import export_hf
+        transformers.logging.set_verbosity_error()
+        warnings.filterwarnings("ignore")  # bitsandbytes and peft warn about CPU use and deprecations
+        with tempfile.TemporaryDirectory() as folder:
+            export_hf(base, folder, torch.float32)
+            del base
+            config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                     bnb_4bit_use_double_quant=True,
+                                                     bnb_4bit_compute_dtype=torch.float32)
+            hf = transformers.Qwen3ForCausalLM.from_pretrained(folder, quantization_config=config, device_map=dev,
+                                                               dtype=torch.float32)
+        theirs = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                         lora_dropout=0.0)).train()
+        with torch.no_grad():
+            for name, m in lora_layers(models["nf4"]):
+                target = theirs.base_model.model.get_submodule(name)
+                target.lora_A["default"].weight.copy_(m.lora["default"].A.weight)
+                target.lora_B["default"].weight.copy_(m.lora["default"].B.weight)
+        models["theirs"] = theirs
+    return {name: (m, adamw([p for p in m.parameters() if p.requires_grad], dev))
+            for name, m in models.items() if name in variants}
+
+
+def qlora_child(spec: dict) -> dict:
+    """The three steps in one process, interleaved (time); or one variant alone (memory: peak over the step)."""
+    torch.set_num_threads(spec["threads"])
+    dev = spec["device"]
+    x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0)).to(dev)
+    if spec["measure"] == "time":
+        from model.quantize import quantization_of
+        models = qlora_models(spec, ("nf4", "fp32", "theirs"))
+        with torch.no_grad():
+            losses = {name: m(input_ids=x, labels=x).loss.item() for name, (m, _) in models.items()}
+        q = quantization_of(models["nf4"][0])
+        t = interleaved({name: (lambda m=m, o=o: train_step(m, o, x, x)) for name, (m, o) in models.items()},
+                        spec["repeats"], dev, warmup=spec["warmup"])
+        return {"times": t, "losses": losses, "bytes": q["bytes"], "fp32_bytes": q["fp32_bytes"],
+                "bits_per_weight": q["bits_per_weight"]}
+    (model, optimizer), = qlora_models(spec, (spec["measure"],)).values()
+    train_step(model, optimizer, x, x)  # optimizer state and allocator pools exist before the peak is reset
+    sync(dev)
+    with contextlib.suppress(OSError, AttributeError):  # glibc keeps freed heap (the float base quantised from)
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    if dev.startswith("cuda"):
+        resident = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        resident = _proc_status_kb("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS, to the current RSS
+            f.write("5")
+    train_step(model, optimizer, x, x)
+    sync(dev)
+    peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else _proc_status_kb("VmHWM") * 1024
+    return {"resident": resident, "peak": peak}
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+
+
+def bench_qlora(args):
+    try:
+        import bitsandbytes  # noqa: F401
+        import peft
+        import transformers
+    except ImportError as e:
+        return [], [f"skipped: {e.name} is not installed (pip install -r requirements-dev.txt)"]
+    scales = [(TINY, 2, 32)] if args.quick else [(DEMO, 8, 256), (MINIMIND3, 8, 256)]
+    labels = {"nf4": "ours, NF4 base", "fp32": "ours, fp32 base", "theirs": "transformers + bitsandbytes + PEFT, NF4"}
+    rows, notes = [], []
+    mem = "peak alloc MB" if args.device.startswith("cuda") else "peak RSS MB"
+    for dims, batch, seq in scales:
+        spec = {"child": "qlora", "dims": dims, "batch": batch, "seq": seq, "repeats": args.repeats,
+                "warmup": 1 if args.quick else 2, "device": args.device, "threads": args.threads}
+        r = run_child({**spec, "measure": "time"})
+        # memory: a fresh process each (peak RSS never goes down); --quick leaves it out, as a smoke test
+        memory = {} if args.quick else {name: run_child({**spec, "measure": name}) for name in labels}
+        for name, label in labels.items():
+            rows.append({"scale": scale_name(dims), "batch x seq": f"{batch}x{seq}", "setting": label,
+                         "step ms": 1e3 * med(r["times"][name]), "first loss": r["losses"][name],
+                         **({"resident before step MB": memory[name]["resident"] / 2**20,
+                             mem: memory[name]["peak"] / 2**20} if memory else {})})
+        for key, (a, b) in (("ours NF4 / theirs QLoRA", ("nf4", "theirs")),
+                            ("ours NF4 / ours fp32 LoRA", ("nf4", "fp32"))):
+            lo, mid, hi = spread(r["times"][a], r["times"][b])
+            peak = f"; peak memory {memory[a]['peak'] / memory[b]['peak']:.2f}x" if memory else ""
+            notes.append(f"ratio {key} step time at {scale_name(dims)}: {mid:.2f}x (min {lo:.2f}, max {hi:.2f})"
+                         f"{peak}; target <= {QLORA_TARGETS[key]}x: {verdict(mid <= QLORA_TARGETS[key])}")
+        if dims is scales[-1][0]:
+            share = r["bytes"] / r["fp32_bytes"]
+            notes.append(f"ratio NF4 / fp32 frozen projection bytes at {scale_name(dims)}: {share:.4f}x "
+                         f"({r['bytes'] / 2**20:.1f} MiB vs {r['fp32_bytes'] / 2**20:.1f} MiB, "
+                         f"{r['bits_per_weight']:.3f} bits per weight); target <= "
+                         f"{QLORA_TARGETS['NF4 / fp32 projection bytes']}x: "
+                         f"{verdict(share <= QLORA_TARGETS['NF4 / fp32 projection bytes'])}")
+    notes.append(f"LoRA r=8, alpha 16 on all seven projections, AdamW over A and B, fp32 compute, identical base "
+                 f"weights and adapters in all three (first loss: the same batch before any step). theirs = "
+                 f"transformers {transformers.__version__} loading our --to_hf export with BitsAndBytesConfig(nf4, "
+                 f"double quantisation, compute float32) + peft {peft.__version__} get_peft_model; bitsandbytes "
+                 f"{bitsandbytes.__version__}. Time: one process, the three steps interleaved after "
+                 f"{spec['warmup']} untimed round(s), {args.threads} threads. Memory: "
+                 + ("not measured with --quick." if args.quick else "one fresh process per setting; resident = after "
+                    "building and one step, peak = the highest during the next step."))
+    return rows, notes
+
+
 # ---- 6. serve: many adapters on one base, through the real server ------------------------------------------
 
 def start_server(folder: Path, h: int, flags: list, threads: int):
@@ -755,6 +886,7 @@ TITLES = {"order": "LoRA matmul order: B(Ax) vs (BA)x", "lora_vs_full": "LoRA vs
           "inference": "Inference: decode with adapters, swap and merge",
           "batching": "Batching: useful tokens/s vs padding to max_seq_len",
           "ecosystem": "Ecosystem: ours vs transformers + PEFT",
+          "qlora": "QLoRA: LoRA on an NF4 base vs fp32 LoRA and transformers + bitsandbytes + PEFT",
           "serve": "Serving: many adapters on one base (scripts/serve_openai_api.py)", "gpu": "GPU: pretraining MFU"}
 
 
@@ -798,7 +930,8 @@ def write_markdown(path: Path, sections: dict, run) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child, "compile_cost": compile_cost_child}
+CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child, "compile_cost": compile_cost_child,
+            "qlora": qlora_child}
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.checkpoint import (REPO_ROOT, CheckpointError, atomic_json_save, atomic_write, hf_config_dict,  # noqa: E402
                               load_config, load_state_dict_strict, safe_torch_load, save_model)
-from model.model_lora import find_adapter, load_lora, merge_lora, read_lora_file, unload_lora  # noqa: E402
+from model.model_lora import (CONFIG_KEY, find_adapter, load_lora, merge_lora, read_lora_file,  # noqa: E402
+                              unload_lora)
 from model.model_minimind import MiniMindForCausalLM  # noqa: E402
+from model.quantize import KINDS, dequantize_base, quantize_base  # noqa: E402
 from model.hf_io import convert_hf_folder  # noqa: E402
 from model.peft_io import read_peft_folder, save_lora_file, save_peft_folder  # noqa: E402
 
@@ -40,19 +42,39 @@ def existing(path) -> Path:
     return path if path.exists() or path.is_absolute() or not (REPO_ROOT / path).exists() else REPO_ROOT / path
 
 
-def load_merged(weight, lora=None, save_dir=REPO_ROOT / "out",
+def load_merged(weight, lora=None, save_dir=REPO_ROOT / "out", quantize_base_as=None,
                 **config_overrides) -> tuple[MiniMindForCausalLM, torch.dtype]:
-    """The base model in fp32 with the adapter (if any) folded in and removed; plus the base file's dtype."""
+    """The base model in fp32 with the adapter (if any) folded in and removed; plus the base file's dtype.
+    quantize_base_as "nf4"/"int8": the base as QLoRA trained on it, quantised then dequantised, so in fp32."""
     weight = existing(weight)
     state = safe_torch_load(weight)
     model = MiniMindForCausalLM(load_config(weight, state, **config_overrides))
     load_state_dict_strict(model, state, weight)
     dtype = next(v.dtype for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+    if quantize_base_as not in (None, "none"):
+        quantize_base(model, quantize_base_as)
+        dequantize_base(model)
+        dtype = torch.float32  # the dequantised values are not those of a bf16/fp16 file
     if lora:
-        load_lora(model, find_adapter(existing(lora), model.config.hidden_size, out_dir=save_dir))
+        path = find_adapter(existing(lora), model.config.hidden_size, out_dir=save_dir)
+        trained_on = _trained_on_quantised(path)
+        if trained_on and quantize_base_as in (None, "none"):
+            print(f"note: {path} was trained on a {trained_on} base; it is merged onto the float base as given "
+                  f"(--quantize_base {trained_on}: onto the dequantised weights it was trained on)", file=sys.stderr)
+        load_lora(model, path)
         merge_lora(model)
         unload_lora(model)
     return model.eval(), dtype
+
+
+def _trained_on_quantised(path):
+    """The quantisation an adapter's config records for its base ("nf4", "int8"), or None."""
+    config = read_lora_file(path).get(CONFIG_KEY)
+    try:
+        quantization = ((json.loads(config) if isinstance(config, str) else config or {}).get("base") or {})
+        return (quantization.get("quantization") or {}).get("kind")
+    except (ValueError, AttributeError):
+        return None  # load_lora names what is wrong with the config
 
 
 def export_hf(model: MiniMindForCausalLM, out_dir, dtype: torch.dtype, tokenizer_dir=REPO_ROOT / "model") -> None:
@@ -73,17 +95,27 @@ def export_hf(model: MiniMindForCausalLM, out_dir, dtype: torch.dtype, tokenizer
             atomic_write(out_dir / name, lambda tmp, n=name: shutil.copyfile(Path(tokenizer_dir) / n, tmp))
 
 
+def _dequantised(args, dtype) -> str:
+    if args.quantize_base == "none":
+        return ""
+    return (f" (on the {args.quantize_base}-dequantised base the adapter was trained on; written in full precision, "
+            f"{str(dtype).removeprefix('torch.')}, not {args.quantize_base})")
+
+
 def merge(args) -> str:
-    model, dtype = load_merged(args.weight, args.lora, args.save_dir, **args.arch)
+    model, dtype = load_merged(args.weight, args.lora, args.save_dir, args.quantize_base, **args.arch)
     save_model(model.to(args.dtype or dtype), args.out,
-               extra_config={"merged_from": {"weight": str(args.weight), "lora": str(args.lora)}})
-    return f"merged {args.lora} into {args.weight} -> {args.out}"
+               extra_config={"merged_from": {"weight": str(args.weight), "lora": str(args.lora),
+                                             **({"quantize_base": args.quantize_base}
+                                                if args.quantize_base != "none" else {})}})
+    return f"merged {args.lora} into {args.weight} -> {args.out}{_dequantised(args, args.dtype or dtype)}"
 
 
 def to_hf(args) -> str:
-    model, dtype = load_merged(args.weight, args.lora, args.save_dir, **args.arch)
+    model, dtype = load_merged(args.weight, args.lora, args.save_dir, args.quantize_base, **args.arch)
     export_hf(model, args.to_hf, args.dtype or dtype)
-    return f"exported {args.weight}{' + ' + args.lora if args.lora else ''} -> {args.to_hf} (Qwen3)"
+    return (f"exported {args.weight}{' + ' + args.lora if args.lora else ''} -> {args.to_hf} (Qwen3)"
+            f"{_dequantised(args, args.dtype or dtype)}")
 
 
 def to_peft(args) -> str:
@@ -141,6 +173,9 @@ def main(argv=None):
                                  "--from_peft: adapter file, .pth or .safetensors")
     p.add_argument("--base_model_name_or_path", help="--to_peft: recorded in adapter_config.json, e.g. the "
                                                      "--to_hf folder of the same base (default: --weight)")
+    p.add_argument("--quantize_base", default="none", choices=("none", *KINDS),
+                   help="--merge, --to_hf: merge onto the base as QLoRA trained on it (quantised, then dequantised); "
+                        "the result is full precision")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="default: the base file's")
     p.add_argument("--hidden_size", type=int, help="checkpoints without a .json config: overrides what the "
                                                    "tensors' shapes say (default: read off the shapes)")

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.model_lora import find_targets  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from model.quantize import KINDS, quantized_bytes  # noqa: E402
 
 PRESETS = {
     "minimind3": dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
@@ -48,10 +49,24 @@ def lora_table(config: MiniMindConfig, rank: int, targets=None) -> dict:
         row["layers"] += 1
     full = sum(r["full"] * r["layers"] for r in rows.values())
     lora = sum(r["lora"] * r["layers"] for r in rows.values())
-    return dict(rows=list(rows.values()), targeted_full=full, lora=lora, model=model.num_parameters())
+    return dict(rows=list(rows.values()), targeted_full=full, lora=lora, model=model.num_parameters(), meta=model)
 
 
-def report(config: MiniMindConfig, rank: int, targets=None, title: str = "custom") -> str:
+def base_bytes(model, kind: str) -> str:
+    """The frozen projections' bytes stored as `kind` against float32 (what --quantize_base saves)."""
+    shapes = [(m.out_features, m.in_features) for _, m in find_targets(model, "all-linear")]
+    numel = sum(d * k for d, k in shapes)
+    stored = sum(quantized_bytes(d, k, kind) for d, k in shapes)
+    rest = 4 * (sum(p.numel() for p in model.parameters()) - numel)
+    layout = "blocks of 64, double-quantised absmax" if kind == "nf4" else "absmax per row"
+    return (f"--quantize_base {kind} ({layout}): the projections take {human_bytes(stored)} instead of "
+            f"{human_bytes(4 * numel)} in float32 ({stored / (4 * numel):.3f}x, {8 * stored / numel:.3f} bits per "
+            f"weight); with the float32 embeddings and norms ({human_bytes(rest)}) the base takes "
+            f"{human_bytes(stored + rest)} instead of {human_bytes(4 * numel + rest)}")
+
+
+def report(config: MiniMindConfig, rank: int, targets=None, title: str = "custom",
+           quantize_base: str = "none") -> str:
     t = lora_table(config, rank, targets)
     # d*k and r(d+k) are per layer; the last row sums them over all targeted layers
     lines = [f"{title}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
@@ -70,6 +85,8 @@ def report(config: MiniMindConfig, rank: int, targets=None, title: str = "custom
               f"Adam state (fp32 m, v) + fp32 grads, {OPTIMIZER_BYTES_PER_PARAM} bytes per trained parameter:",
               f"  full fine-tuning {human_bytes(full_state):>12}",
               f"  LoRA             {human_bytes(lora_state):>12}  ({full_state / lora_state:,.0f}x less)"]
+    if quantize_base != "none":
+        lines.append(base_bytes(t["meta"], quantize_base))
     for r in t["rows"]:
         if rank >= r["break_even"]:
             lines.append(f"warning: r={rank} reaches the break-even rank {r['break_even']:.1f} of {r['kind']} "
@@ -88,13 +105,16 @@ def main(argv=None):
     p.add_argument("--lora_rank", type=int, default=8, help="r")
     p.add_argument("--lora_targets", default=None,
                    help="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear; default: square layers")
+    p.add_argument("--quantize_base", choices=("none", *KINDS), default="none",
+                   help="also show the frozen base's bytes with its projections in NF4 or int8 (QLoRA)")
     args = p.parse_args(argv)
     dims = dict(PRESETS.get(args.preset, {}))
     dims.update({k: v for k, v in vars(args).items() if k in MiniMindConfig.__dataclass_fields__ and v is not None})
     if "tie_word_embeddings" in dims:
         dims["tie_word_embeddings"] = bool(dims["tie_word_embeddings"])
     try:
-        print(report(MiniMindConfig(**dims), args.lora_rank, args.lora_targets, args.preset or "custom"))
+        print(report(MiniMindConfig(**dims), args.lora_rank, args.lora_targets, args.preset or "custom",
+                     args.quantize_base))
     except ValueError as e:
         sys.exit(f"error: {e}")
 

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.model_lora import (CONFIG_KEY, adapter_config, apply_lora, load_lora_state_dict,  # noqa: E402
                               lora_parameters, lora_state_dict, save_lora, trainable_summary)
+from model.quantize import KINDS, describe_quantization, quantize_base  # noqa: E402
 from trainer.trainer_utils import (DEMO_DIR, TrainError, build_parser, fit, nonnegative_float,  # noqa: E402
                                    positive_int, run_main)
 
@@ -34,6 +35,9 @@ def main(argv=None):
                         help="comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, all-linear, "
                              "or square (MiniMind's rule: the square projections, q_proj,o_proj under GQA)")
     parser.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    parser.add_argument("--quantize_base", default="none", choices=["none", *KINDS],
+                        help="QLoRA: store the frozen projections in 4-bit NF4 (bitsandbytes' layout, double-quantised "
+                             "absmax) or int8 per row, dequantised on the fly; the adapter alone trains")
     parser.add_argument("--replay_data", default="auto",
                         help="general chat jsonl mixed into training so the base's answers survive; auto: the "
                              "chat data the base was trained on (its .json records it), none: no replay")
@@ -59,13 +63,19 @@ def main(argv=None):
         return Path(args.save_dir) / "lora" / f"{args.lora_name}_{args.hidden_size}.pth"
 
     def prepare(model):
+        if args.quantize_base != "none":
+            if args.use_compile:
+                raise TrainError("--use_compile 1 with --quantize_base is not supported; drop one of them")
+            quantize_base(model, args.quantize_base)
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
                    target_modules=args.lora_targets, use_rslora=args.use_rslora, adapter_name=args.lora_name)
         out = out_path()  # checked before the first step: nothing is lost to a refused run
         if out.exists() and not args.overwrite and not args.from_resume:
             raise TrainError(f"{out} exists; pass --overwrite 1 to replace it, or --lora_name NAME to save another "
                              f"adapter")
-        return lora_parameters(model, args.lora_name), trainable_summary(model, counts=False)
+        quantized = (f"; {describe_quantization(model)} (buffers, not counted as parameters)"
+                     if args.quantize_base != "none" else "")
+        return lora_parameters(model, args.lora_name), trainable_summary(model, counts=False) + quantized
 
     def resume(model, state):
         saved, want = json.loads(state.get(CONFIG_KEY) or "{}"), adapter_config(model, args.lora_name)
