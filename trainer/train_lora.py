@@ -34,6 +34,8 @@ def main(argv=None):
                         help="comma-separated q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj, all-linear, "
                              "or square (MiniMind's rule: the square projections, q_proj,o_proj under GQA)")
     parser.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
+    parser.add_argument("--use_dora", action="store_true",
+                        help="DoRA: a trained magnitude per output row times the LoRA-updated direction (PEFT's use_dora)")
     parser.add_argument("--replay_data", default="auto",
                         help="general chat jsonl mixed into training so the base's answers survive; auto: the "
                              "chat data the base was trained on (its .json records it), none: no replay")
@@ -60,7 +62,8 @@ def main(argv=None):
 
     def prepare(model):
         apply_lora(model, rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                   target_modules=args.lora_targets, use_rslora=args.use_rslora, adapter_name=args.lora_name)
+                   target_modules=args.lora_targets, use_rslora=args.use_rslora, adapter_name=args.lora_name,
+                   use_dora=args.use_dora)
         out = out_path()  # checked before the first step: nothing is lost to a refused run
         if out.exists() and not args.overwrite and not args.from_resume:
             raise TrainError(f"{out} exists; pass --overwrite 1 to replace it, or --lora_name NAME to save another "
@@ -70,6 +73,10 @@ def main(argv=None):
     def resume(model, state):
         saved, want = json.loads(state.get(CONFIG_KEY) or "{}"), adapter_config(model, args.lora_name)
         shape = ("rank", "target_modules")
+        variant = next((k for k in ("use_dora", "init_lora_weights") if k in saved and saved[k] != want[k]), None)
+        if variant is not None:
+            raise TrainError(f"the resume checkpoint's adapter has {variant} {saved[variant]}, this run's "
+                             f"{want[variant]}; resume with the flags of the run that saved it")
         if saved and any(saved.get(k) != want[k] for k in shape):
             raise TrainError(f"the resume checkpoint's adapter is rank {saved.get('rank')} on "
                              f"{','.join(saved.get('target_modules') or [])}, this run's rank {want['rank']} on "
@@ -80,7 +87,7 @@ def main(argv=None):
 
     return fit(args, SFTDataset, prepare_model=prepare,
                save=lambda model: save_lora(model, out_path(), args.lora_name),
-               trainable_state=lambda model: lora_state_dict(model, args.lora_name),
+               trainable_state=lambda model: lora_state_dict(model, args.lora_name, as_trained=True),
                load_trainable_state=resume)
 
 

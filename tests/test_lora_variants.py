@@ -1,0 +1,262 @@
+"""LoRA variants against PEFT: DoRA (logits, dropout path, gradients, --to_peft/--from_peft, merge, serving),
+LoRA+ (optimizer groups), PiSSA/OLoRA/gaussian initialisation (A, B at step 0; the saved file on the unmodified
+base). Differences are printed (run with -s to see them)."""
+import json
+import math
+
+import peft
+import pytest
+import torch
+import transformers
+from torch import nn
+
+from model.checkpoint import hf_config_dict, load_state_dict_strict, save_model
+from model.lora_variants import DoRA, loraplus_param_groups
+from model.model_lora import (CONFIG_KEY, AdapterBank, LoRAError, LoRALinear, apply_lora, load_lora, lora_layers,
+                              merge_lora, read_lora_file, save_lora, set_adapter, unmerge_lora)
+from model.model_minimind import MiniMindForCausalLM
+from scripts.convert_model import main as convert
+from tests.conftest import tiny_config, varied_model
+from tests.test_lora import base_model, logits, randomize_B
+
+
+def max_diff(ours, theirs, what: str) -> float:
+    diff = (ours - theirs).abs().max().item()
+    print(f"\nmax |difference| {what}: {diff:.3g}")
+    return diff
+
+
+def spread_magnitude(model, seed=2):
+    """Magnitudes start at W0's row norms; move them so that the magnitude really matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            for lora in m.lora.values():
+                if isinstance(lora, DoRA):
+                    lora.magnitude.mul_(0.5 + torch.rand(lora.magnitude.shape, generator=g))
+
+
+def dora_model(seed=0, **kw):
+    model = base_model(seed)
+    apply_lora(model, rank=4, alpha=8, use_dora=True, **kw)
+    randomize_B(model)
+    spread_magnitude(model)
+    return model
+
+
+def hf_copy(ours):
+    """transformers' Qwen3 holding our base weights (our keys are Qwen3's)."""
+    cfg = transformers.Qwen3Config(**{k: v for k, v in hf_config_dict(ours.config).items()
+                                      if k not in ("architectures", "model_type", "torch_dtype")})
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    missing, unexpected = hf.load_state_dict({k: v for k, v in ours.state_dict().items() if ".lora." not in k},
+                                             strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    return hf
+
+
+def copy_into_peft(ours, theirs, name="default"):
+    with torch.no_grad():
+        for module, m in lora_layers(ours):
+            t = theirs.base_model.model.get_submodule(module)
+            t.lora_A[name].weight.copy_(m.lora[name].A.weight)
+            t.lora_B[name].weight.copy_(m.lora[name].B.weight)
+            if isinstance(m.lora[name], DoRA):
+                t.lora_magnitude_vector[name].weight.copy_(m.lora[name].magnitude)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """Our base checkpoint and its --to_hf export."""
+    folder = tmp_path_factory.mktemp("base")
+    weight = save_model(base_model(), folder / "full_sft_64.pth")
+    convert(["--to_hf", str(folder / "hf"), "--weight", str(weight)])
+    return weight, folder / "hf"
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear"])
+def test_dora_logits_equal_peft(targets):
+    ours = dora_model(target_modules=targets)
+    theirs = peft.get_peft_model(hf_copy(ours), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                 target_modules=targets or ["q_proj", "o_proj"]))
+    # PEFT's own magnitude initialisation: W0's row norms, as ours before spread_magnitude
+    fresh = base_model()
+    apply_lora(fresh, rank=4, alpha=8, use_dora=True, target_modules=targets)
+    peft_m = {n: theirs.base_model.model.get_submodule(n).lora_magnitude_vector["default"].weight for n, _ in
+              lora_layers(fresh)}
+    assert max((m.lora["default"].magnitude - peft_m[n]).abs().max().item() for n, m in lora_layers(fresh)) <= 1e-6
+    copy_into_peft(ours, theirs.eval())
+    assert max_diff(logits(ours), logits(theirs), f"DoRA logits, ours vs PEFT ({targets})") <= 1e-5
+    with theirs.disable_adapter():
+        assert not torch.allclose(logits(ours), logits(theirs), atol=1e-3)  # the adapter is really on
+
+
+def test_dora_dropout_path_and_gradients_equal_peft():
+    """In training with dropout PEFT's DoRA takes another path (W0 sees the dropped input); the output and the
+    gradients of A, B and the magnitude equal PEFT's DoraLinearLayer given the same dropped input."""
+    from peft.tuners.lora.dora import DoraLinearLayer
+    torch.manual_seed(0)
+    base = nn.Linear(24, 16, bias=True).requires_grad_(False)
+    layer = LoRALinear(base)
+    lora = DoRA(24, 16, rank=4, alpha=8, dropout=0.3)
+    nn.init.normal_(lora.B.weight, std=0.2)
+    lora.init_magnitude(layer.weight)
+    with torch.no_grad():
+        lora.magnitude.mul_(torch.linspace(0.5, 1.5, 16))
+    layer.lora["d"] = lora
+    layer.active_adapter = "d"
+    x = torch.randn(3, 5, 24)
+    torch.manual_seed(7)
+    ours = layer(x)
+    torch.manual_seed(7)
+    xd = lora.dropout(x)  # the same mask
+    assert not torch.equal(xd, x)
+    ref = DoraLinearLayer(fan_in_fan_out=False)
+    a, b = nn.Linear(24, 4, bias=False), nn.Linear(4, 16, bias=False)
+    with torch.no_grad():
+        a.weight.copy_(lora.A.weight)
+        b.weight.copy_(lora.B.weight)
+    ref.weight = nn.Parameter(lora.magnitude.detach().clone())
+    theirs = base(x).detach() + ref(xd, lora_A=a, lora_B=b, scaling=lora.scale, base_layer=base, base_result=None)
+    assert max_diff(ours, theirs, "DoRA with dropout, output") <= 1e-5
+    grad = torch.randn_like(ours)
+    ours.backward(grad)
+    theirs.backward(grad)
+    for mine, peft_param, what in ((lora.A.weight, a.weight, "A"), (lora.B.weight, b.weight, "B"),
+                                   (lora.magnitude, ref.weight, "magnitude")):
+        assert max_diff(mine.grad, peft_param.grad, f"gradient of {what}") <= 1e-5
+
+
+def test_dora_without_dropout_gradients_equal_peft():
+    ours = dora_model()
+    theirs = peft.get_peft_model(hf_copy(ours), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                                                                 target_modules=["q_proj", "o_proj"]))
+    copy_into_peft(ours, theirs)
+    x = torch.randint(0, 512, (2, 9))
+    ours(x, labels=x).loss.backward()
+    theirs(input_ids=x, labels=x).loss.backward()
+    worst = 0.0
+    for module, m in lora_layers(ours):
+        t = theirs.base_model.model.get_submodule(module)
+        for mine, their in ((m.lora["default"].A.weight, t.lora_A["default"].weight),
+                            (m.lora["default"].B.weight, t.lora_B["default"].weight),
+                            (m.lora["default"].magnitude, t.lora_magnitude_vector["default"].weight)):
+            worst = max(worst, (mine.grad - their.grad).abs().max().item())
+    print(f"\nmax |gradient difference| DoRA, ours vs PEFT: {worst:.3g}")
+    assert worst <= 1e-5
+
+
+def test_dora_through_to_peft_and_from_peft_both_ways(tmp_path, base):
+    weight, hf_dir = base
+    ours = dora_model(target_modules="all-linear")
+    path = save_lora(ours, tmp_path / "lora_d_64.safetensors")
+    state = read_lora_file(path)
+    assert "model.layers.0.self_attn.q_proj.lora.magnitude" in state
+    assert json.loads(state[CONFIG_KEY])["use_dora"] is True
+    convert(["--to_peft", str(tmp_path / "peft"), "--weight", str(weight), "--lora", str(path),
+             "--base_model_name_or_path", str(hf_dir)])
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["use_dora"] is True
+    theirs = peft.PeftModel.from_pretrained(transformers.Qwen3ForCausalLM.from_pretrained(hf_dir),
+                                            tmp_path / "peft").eval()
+    assert max_diff(logits(ours), logits(theirs), "DoRA ours -> --to_peft -> PEFT") <= 1e-5
+
+    # PEFT's own DoRA folder (its own save_pretrained), back to ours.
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.mul_(1.3)
+    theirs.save_pretrained(tmp_path / "peft2")
+    convert(["--from_peft", str(tmp_path / "peft2"), "--out", str(tmp_path / "lora_back_64.pth")])
+    back = base_model()
+    load_lora(back, tmp_path / "lora_back_64.pth")
+    back.eval()
+    assert max_diff(logits(back), logits(theirs), "DoRA PEFT -> --from_peft -> ours") <= 1e-5
+    assert not torch.allclose(logits(back), logits(ours), atol=1e-3)  # the scaled magnitudes came through
+
+
+def test_dora_merge_and_unmerge_are_exact():
+    model = dora_model(target_modules="all-linear")
+    w0 = {n: m.weight.detach().clone() for n, m in lora_layers(model)}
+    want = logits(model)
+    merge_lora(model)
+    assert max_diff(logits(model), want, "DoRA merged vs unmerged logits") <= 1e-5
+    unmerge_lora(model)
+    assert max_diff(logits(model), want, "DoRA unmerged again") <= 1e-5
+    assert max((m.weight - w0[n]).abs().max().item() for n, m in lora_layers(model)) <= 1e-5  # W0 back
+
+
+def test_dora_files_load_old_files_still_load_and_mismatches_are_one_line(tmp_path):
+    model = dora_model()
+    path = save_lora(model, tmp_path / "lora_d_64.pth")
+    fresh = base_model()
+    load_lora(fresh, path)
+    fresh.eval()
+    assert max_diff(logits(fresh), logits(model), "DoRA saved and loaded") <= 1e-6
+    # A plain file (no magnitude, no use_dora: made before DoRA existed) loads as plain LoRA.
+    state = {k: v for k, v in torch.load(path, weights_only=True).items() if ".magnitude" not in k}
+    config = json.loads(state[CONFIG_KEY])
+    del config["use_dora"], config["init_lora_weights"]
+    state[CONFIG_KEY] = json.dumps(config)
+    torch.save(state, tmp_path / "old_64.pth")
+    plain = base_model()
+    load_lora(plain, tmp_path / "old_64.pth")
+    assert not any(isinstance(m.lora["old"], DoRA) for _, m in lora_layers(plain))
+    # use_dora claimed with no magnitudes; a magnitude of the wrong length: one line each
+    config["use_dora"] = True
+    state[CONFIG_KEY] = json.dumps(config)
+    torch.save(state, tmp_path / "liar_64.pth")
+    with pytest.raises(LoRAError, match="says use_dora but the file holds no lora.magnitude") as e:
+        load_lora(base_model(), tmp_path / "liar_64.pth")
+    assert len(str(e.value).splitlines()) == 1
+    bad = torch.load(path, weights_only=True)
+    bad["model.layers.0.self_attn.q_proj.lora.magnitude"] = torch.ones(3)
+    torch.save(bad, tmp_path / "bad_64.pth")
+    with pytest.raises(LoRAError, match=r"q_proj has lora.magnitude of shape \(3,\); expected \(64,\)"):
+        load_lora(base_model(), tmp_path / "bad_64.pth")
+
+
+def test_dora_on_a_merged_model_is_refused_in_one_line(tmp_path):
+    model = base_model()
+    apply_lora(model, rank=4, adapter_name="plain")
+    merge_lora(model)
+    with pytest.raises(LoRAError) as e:
+        apply_lora(model, rank=4, use_dora=True, adapter_name="d")
+    assert "merged into the base weights; call unmerge_lora(model) before adding an adapter" in str(e.value)
+    save_lora(dora_model(), tmp_path / "lora_d_64.pth")
+    with pytest.raises(LoRAError, match="merged into the base weights"):
+        load_lora(model, tmp_path / "lora_d_64.pth")
+    with pytest.raises(LoRAError, match="merged into the base weights"):
+        AdapterBank(model, slots=1)
+
+
+def test_bank_serves_dora_rows_beside_plain_rows_as_each_alone(tmp_path):
+    """Mixed batch: DoRA, plain LoRA and no adapter, each row equal to that adapter loaded alone."""
+    maker = varied_model(0)
+    apply_lora(maker, rank=4, alpha=8, use_dora=True, target_modules="all-linear", adapter_name="d")
+    randomize_B(maker, "d")
+    spread_magnitude(maker)
+    save_lora(maker, tmp_path / "d.pth", "d")
+    apply_lora(maker, rank=8, alpha=8, adapter_name="p")
+    randomize_B(maker, "p", seed=3)
+    save_lora(maker, tmp_path / "p.pth", "p")
+    ref = varied_model(0)
+    load_lora(ref, tmp_path / "d.pth", "d")
+    load_lora(ref, tmp_path / "p.pth", "p")
+    ref.eval()
+    x = torch.randint(0, 3000, (4, 6))
+    want = []
+    for row, name in enumerate(["d", None, "p", "d"]):
+        set_adapter(ref, name)
+        want.append(logits(ref, x[row:row + 1])[0])
+    model = varied_model(0)
+    bank = AdapterBank(model, slots=2, max_rank=8)
+    bank.load(1, tmp_path / "d.pth")
+    bank.load(2, tmp_path / "p.pth")
+    bank.select([1, 0, 2, 1])
+    got = logits(model, x)
+    assert max(max_diff(got[r], want[r], f"bank row {r}") for r in range(4)) <= 1e-4
+    assert not torch.allclose(want[0], want[1], atol=1e-2)
+    bank.clear(1)
+    bank.select([1])
+    set_adapter(ref, None)
+    assert max_diff(logits(model, x[:1])[0], logits(ref, x[:1])[0], "cleared DoRA slot") <= 1e-5
