@@ -147,8 +147,9 @@ def loraplus_param_groups(model, lr: float, loraplus_lr_ratio: float, adapter_na
     name = _resolve_name(model, adapter_name)
     group_a, group_b = [], []
     for _, m in lora_layers(model):
-        if name in m.lora:
-            for pname, p in m.lora[name].named_parameters():
-                (group_b if pname.startswith("B.") or p.ndim == 1 else group_a).append(p)
+        if name in m.lora:  # PEFT's order: A, B, then the magnitude
+            lora = m.lora[name]
+            group_a.append(lora.A.weight)
+            group_b += [lora.B.weight] + ([lora.magnitude] if hasattr(lora, "magnitude") else [])
     return [{"params": group_a, "lr": lr, "weight_decay": 0.0, "lr_ratio": 1.0},
             {"params": group_b, "lr": lr * loraplus_lr_ratio, "weight_decay": 0.0, "lr_ratio": loraplus_lr_ratio}]

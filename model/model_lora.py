@@ -417,13 +417,15 @@ def unload_lora(model) -> nn.Module:
     return root
 
 
-def lora_state_dict(model, adapter_name: Optional[str] = None, as_trained: bool = False) -> dict:
+def lora_state_dict(model, adapter_name: Optional[str] = None, as_trained: bool = False,
+                    extra_config: Optional[dict] = None) -> dict:
     """One adapter's A and B (DoRA: and magnitude) under MiniMind's keys, on CPU, plus its JSON config under
     CONFIG_KEY. A PiSSA/OLoRA adapter comes converted to fit the unmodified base (rank 2r), unless `as_trained`
-    (a resume checkpoint: the run rebuilds the same residual base and goes on from A and B)."""
+    (a resume checkpoint: the run rebuilds the same residual base and goes on from A and B). extra_config: more
+    facts of the run for the config, such as LoRA+'s loraplus_lr_ratio."""
     from model.lora_variants import converted
     name = _resolve_name(model, adapter_name)
-    state, config = {}, adapter_config(model, name)
+    state, config = {}, {**adapter_config(model, name), **(extra_config or {})}
     for module, m in lora_layers(model):
         if name in m.lora:
             lora = m.lora[name]
@@ -440,9 +442,9 @@ def lora_state_dict(model, adapter_name: Optional[str] = None, as_trained: bool 
     return state
 
 
-def save_lora(model, path, adapter_name: Optional[str] = None) -> Path:
+def save_lora(model, path, adapter_name: Optional[str] = None, extra_config: Optional[dict] = None) -> Path:
     """Write one adapter (default: the active one) to `.pth` or `.safetensors`, atomically; returns the path."""
-    state = lora_state_dict(model, adapter_name)
+    state = lora_state_dict(model, adapter_name, extra_config=extra_config)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file

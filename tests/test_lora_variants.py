@@ -260,3 +260,129 @@ def test_bank_serves_dora_rows_beside_plain_rows_as_each_alone(tmp_path):
     bank.select([1])
     set_adapter(ref, None)
     assert max_diff(logits(model, x[:1])[0], logits(ref, x[:1])[0], "cleared DoRA slot") <= 1e-5
+
+
+def peft_names(model, params) -> list:
+    """Our LoRA parameters under PEFT's names, in order."""
+    ours = {id(p): n for n, p in model.named_parameters()}
+    out = []
+    for p in params:
+        module, _, rest = ours[id(p)].partition(".lora.default.")
+        out.append(f"base_model.model.{module}." + {"A.weight": "lora_A.default.weight", "B.weight":
+                   "lora_B.default.weight", "magnitude": "lora_magnitude_vector.default.weight"}[rest])
+    return out
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_loraplus_groups_equal_peft_create_loraplus_optimizer(use_dora):
+    from peft.optimizers import create_loraplus_optimizer
+    ours = base_model()
+    apply_lora(ours, rank=4, alpha=8, target_modules="all-linear", use_dora=use_dora)
+    theirs = peft.get_peft_model(hf_copy(ours), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                 use_dora=use_dora))
+    their_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=2e-3, loraplus_lr_ratio=16)
+    our_opt = torch.optim.AdamW(loraplus_param_groups(ours, 2e-3, 16), lr=2e-3, weight_decay=0.0)
+    names = {id(p): n for n, p in theirs.named_parameters()}
+    theirs_groups = [(g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]])
+                     for g in their_opt.param_groups if g["params"]]
+    ours_groups = [(g["lr"], g["weight_decay"], peft_names(ours, g["params"])) for g in our_opt.param_groups]
+    assert ours_groups == theirs_groups
+    assert [lr for lr, _, _ in ours_groups] == [2e-3, 2e-3 * 16]
+    assert any("magnitude" in n for n in ours_groups[1][2]) == use_dora  # PEFT: 1-d parameters learn at B's rate
+
+
+def test_pissa_and_olora_start_equal_peft_and_keep_the_model():
+    for init in ("pissa", "olora"):
+        original = base_model()
+        want = logits(original)
+        ours = base_model()
+        apply_lora(ours, rank=4, alpha=8, target_modules="all-linear", init_lora_weights=init)
+        theirs = peft.get_peft_model(hf_copy(original), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                         init_lora_weights=init))
+        worst = 0.0
+        for module, m in lora_layers(ours):
+            t = theirs.base_model.model.get_submodule(module)
+            for mine, their in ((m.lora["default"].A.weight, t.lora_A["default"].weight),
+                                (m.lora["default"].B.weight, t.lora_B["default"].weight),
+                                (m.weight, t.base_layer.weight)):
+                worst = max(worst, (mine - their).abs().max().item())
+        print(f"\nmax |A, B, residual W difference| {init} ours vs PEFT at step 0: {worst:.3g}")
+        assert worst <= 1e-6
+        assert max_diff(logits(ours), want, f"{init} at step 0 vs the base") <= 1e-4  # W_res + sBA = W0
+
+
+def train_a_few_steps(model, steps=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        x = torch.randint(0, 512, (2, 12), generator=g)
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("init, use_dora, use_rslora", [("pissa", False, False), ("olora", True, False),
+                                                        ("pissa", True, True)])
+def test_a_saved_pissa_or_olora_adapter_works_on_the_unmodified_base(tmp_path, init, use_dora, use_rslora):
+    model = base_model()
+    apply_lora(model, rank=4, alpha=8, target_modules="all-linear", init_lora_weights=init, use_dora=use_dora,
+               use_rslora=use_rslora)
+    train_a_few_steps(model)
+    path = save_lora(model, tmp_path / "lora_p_64.safetensors")
+    config = json.loads(read_lora_file(path)[CONFIG_KEY])
+    assert (config["rank"], config["alpha"], config["init_lora_weights"]) == \
+           (8, 8 * (math.sqrt(2) if use_rslora else 2), init)
+    fresh = base_model()  # the original base, never touched by the SVD/QR
+    load_lora(fresh, path)
+    fresh.eval()
+    assert max_diff(logits(fresh), logits(model), f"{init} (DoRA {use_dora}) trained vs file on the original "
+                                                  f"base") <= 1e-5
+    assert not torch.allclose(logits(fresh), logits(base_model()), atol=1e-3)  # training moved it
+    # The fingerprint is the original base's: loading onto it raised no warning, and the probe says so.
+    assert config["base"]["probe"] == json.loads(read_lora_file(save_lora(fresh, tmp_path / "again_64.pth"))
+                                                 [CONFIG_KEY])["base"]["probe"]
+
+
+def test_pissa_file_equals_peft_path_initial_model_for_weight_conversion(tmp_path):
+    original = base_model()
+    ours = base_model()
+    apply_lora(ours, rank=4, alpha=8, init_lora_weights="pissa")
+    theirs = peft.get_peft_model(hf_copy(original), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights="pissa",
+                                                                     target_modules=["q_proj", "o_proj"]))
+    theirs.save_pretrained(tmp_path / "init")  # PEFT's recipe: the adapter as initialised, before training
+    train_a_few_steps(ours)
+    copy_into_peft(ours, theirs)
+    theirs.save_pretrained(tmp_path / "trained", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    peft_state = read_lora_file(tmp_path / "trained")
+    our_state = read_lora_file(save_lora(ours, tmp_path / "lora_p_64.pth"))
+    assert set(peft_state) == set(our_state)
+    worst = max((peft_state[k] - our_state[k]).abs().max().item() for k in our_state if k != CONFIG_KEY)
+    print(f"\nmax |tensor difference| our PiSSA file vs PEFT's converted one: {worst:.3g}")
+    assert worst == 0
+    p, o = json.loads(peft_state[CONFIG_KEY]), json.loads(our_state[CONFIG_KEY])
+    assert (p["rank"], p["alpha"]) == (o["rank"], o["alpha"]) == (8, 16)
+
+
+def test_gaussian_init_and_unknown_init_refused_in_one_line():
+    model = base_model()
+    apply_lora(model, rank=4, target_modules="all-linear", init_lora_weights="gaussian")
+    a = torch.cat([m.lora["default"].A.weight.flatten() for _, m in lora_layers(model)])
+    assert abs(a.std().item() - 1 / 4) < 0.02 and a.abs().max() > 0.5  # N(0, 1/r), not Kaiming-uniform's bound
+    assert all(m.lora["default"].B.weight.abs().sum() == 0 for _, m in lora_layers(model))
+    for bad in ("svd", "pissa_niter_", "pissa_niter_0"):
+        with pytest.raises(LoRAError) as e:
+            apply_lora(base_model(), init_lora_weights=bad)
+        assert str(e.value).startswith(f"init_lora_weights {bad!r} is not known; use one of default, gaussian, "
+                                       f"pissa, olora or pissa_niter_N")
+    with pytest.raises(LoRAError, match="changes the base weights, but the model already holds adapters"):
+        apply_lora(model, adapter_name="second", init_lora_weights="pissa")
+
+
+def test_pissa_niter_starts_at_the_base():
+    model = base_model()
+    want = logits(model)
+    apply_lora(model, rank=4, alpha=8, init_lora_weights="pissa_niter_4")
+    assert all(m.lora["default"].B.weight.abs().sum() > 0 for _, m in lora_layers(model))  # taken from W0, not 0
+    assert max_diff(logits(model), want, "pissa_niter_4 at step 0 vs the base") <= 1e-4
