@@ -276,7 +276,8 @@ def adapter_config(model, adapter_name: Optional[str] = None) -> dict:
     kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in layers}, key=PROJECTIONS.index)
     return {"format_version": FORMAT_VERSION, "adapter_name": name, "rank": first.rank, "alpha": first.alpha,
             "use_rslora": first.use_rslora, "dropout": getattr(first.dropout, "p", 0.0),
-            "use_dora": hasattr(first, "magnitude"), "init_lora_weights": getattr(first, "init_lora_weights", "default"),
+            "use_dora": hasattr(first, "magnitude"),
+            "init_lora_weights": getattr(first, "init_lora_weights", "default"),
             "target_modules": kinds, "dtype": str(first.A.weight.dtype).removeprefix("torch."),
             "base": base_fingerprint(model, layers)}
 

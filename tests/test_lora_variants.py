@@ -386,3 +386,62 @@ def test_pissa_niter_starts_at_the_base():
     apply_lora(model, rank=4, alpha=8, init_lora_weights="pissa_niter_4")
     assert all(m.lora["default"].B.weight.abs().sum() > 0 for _, m in lora_layers(model))  # taken from W0, not 0
     assert max_diff(logits(model), want, "pissa_niter_4 at step 0 vs the base") <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def sft_base(tmp_path_factory):
+    """A tiny full_sft_64.pth (one step from scratch: the variants need a base, not a good one) and LoRA data."""
+    from tests.test_trainer import DEMO, TINY, head
+    from trainer import train_full_sft
+    from trainer.trainer_utils import run_main
+    tmp = tmp_path_factory.mktemp("sft")
+    sft = head(DEMO / "sft.jsonl", tmp / "sft.jsonl", 16)
+    assert run_main(train_full_sft.main, TINY + ["--save_dir", str(tmp / "out"), "--data_path", str(sft),
+                                                 "--from_weight", "none", "--max_steps", "1"]) == 0
+    return tmp / "out", head(DEMO / "lora_identity.jsonl", tmp / "lora_identity.jsonl", 16)
+
+
+def test_train_lora_dora_pissa_loraplus_saves_and_resumes_to_the_same_adapter(sft_base, capsys, monkeypatch):
+    """One run with all three, straight and killed after its step-2 checkpoint then resumed WITHOUT the LoRA+ flag:
+    the same file; the metadata records each variant; the resume checkpoint's groups carry the ratio."""
+    from model.checkpoint import safe_torch_load
+    from tests.test_trainer import TINY, Crash
+    from trainer import train_lora, trainer_utils
+    out, data = sft_base
+    common = TINY + ["--save_dir", str(out), "--data_path", str(data), "--max_steps", "4", "--save_interval", "2",
+                     "--replay_data", "none", "--lora_rank", "4", "--use_dora", "--init_lora_weights", "pissa"]
+    train_lora.main(common + ["--lora_name", "straight", "--loraplus_lr_ratio", "16"])
+    assert "DoRA, init pissa, LoRA+ (B's lr x 16)" in capsys.readouterr().out
+    save = trainer_utils.atomic_torch_save
+
+    def save_then_crash(obj, path):
+        save(obj, path)
+        if isinstance(obj, dict) and obj.get("step") == 2:
+            raise Crash
+
+    monkeypatch.setattr(trainer_utils, "atomic_torch_save", save_then_crash)
+    with pytest.raises(Crash):
+        train_lora.main(common + ["--lora_name", "resumed", "--loraplus_lr_ratio", "16"])
+    monkeypatch.setattr(trainer_utils, "atomic_torch_save", save)
+    ckpt = safe_torch_load(out / "checkpoints" / "resumed_64_resume.pth")
+    assert [g["lr_ratio"] for g in ckpt["optimizer"]["param_groups"]] == [1.0, 16.0]
+    with pytest.raises(trainer_utils.TrainError, match="saved with --loraplus_lr_ratio 16.0, this run asks for 4"):
+        train_lora.main(common + ["--lora_name", "resumed", "--from_resume", "1", "--loraplus_lr_ratio", "4"])
+    train_lora.main(common + ["--lora_name", "resumed", "--from_resume", "1"])  # the saved ratio is kept
+    a, b = (read_lora_file(out / "lora" / f"{n}_64.pth") for n in ("straight", "resumed"))
+    assert a.keys() == b.keys() and any(k.endswith(".lora.magnitude") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a if k != CONFIG_KEY) == 0
+    config = json.loads(a[CONFIG_KEY])
+    assert (config["use_dora"], config["init_lora_weights"], config["loraplus_lr_ratio"], config["rank"]) == \
+           (True, "pissa", 16.0, 8)  # PiSSA saved converted: rank 2r
+
+
+def test_train_lora_unknown_init_is_one_line(sft_base, capsys):
+    from tests.test_trainer import TINY, run
+    from trainer import train_lora
+    out, data = sft_base
+    code, log, err = run(train_lora.main, TINY + ["--save_dir", str(out), "--data_path", str(data),
+                                                  "--init_lora_weights", "svd"], capsys)
+    assert code == 2 and err.strip().splitlines() == [
+        "error: init_lora_weights 'svd' is not known; use one of default, gaussian, pissa, olora or pissa_niter_N "
+        "(N >= 1: PiSSA by a randomised SVD of N iterations)"]

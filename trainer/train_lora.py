@@ -14,11 +14,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dataset.lm_dataset import SFTDataset  # noqa: E402
 from model.checkpoint import CheckpointError, safe_torch_load  # noqa: E402
-from model.lora_variants import loraplus_param_groups  # noqa: E402
-from model.model_lora import (CONFIG_KEY, adapter_config, apply_lora, load_lora_state_dict,  # noqa: E402
+from model.lora_variants import check_init, loraplus_param_groups  # noqa: E402
+from model.model_lora import (CONFIG_KEY, LoRAError, adapter_config, apply_lora, load_lora_state_dict,  # noqa: E402
                               lora_parameters, lora_state_dict, save_lora, trainable_summary)
 from trainer.trainer_utils import (DEMO_DIR, TrainError, build_parser, fit, nonnegative_float,  # noqa: E402
-                                   positive_int, run_main)
+                                   positive_float, positive_int, run_main)
 
 DEMO_ADAPTERS = ("lora_identity", "lora_medical")
 
@@ -37,7 +37,8 @@ def main(argv=None):
                              "or square (MiniMind's rule: the square projections, q_proj,o_proj under GQA)")
     parser.add_argument("--use_rslora", action="store_true", help="scale alpha/sqrt(r) instead of alpha/r")
     parser.add_argument("--use_dora", action="store_true",
-                        help="DoRA: a trained magnitude per output row times the LoRA-updated direction (PEFT's use_dora)")
+                        help="DoRA: a trained magnitude per output row times the LoRA-updated direction "
+                             "(PEFT's use_dora)")
     parser.add_argument("--init_lora_weights", default="default",
                         help="default (A Kaiming-uniform, B 0), gaussian, pissa, pissa_niter_N or olora (PEFT's "
                              "meanings; pissa/olora take A, B from the base weights; the saved adapter still fits the "
@@ -59,6 +60,10 @@ def main(argv=None):
         raise TrainError(f"--lora_name {args.lora_name!r}: an adapter name may hold letters, digits, '_' and '-' "
                          f"only (it becomes a module key and a file name); use --lora_name {fixed}")
     args.save_weight = args.save_weight or args.lora_name
+    try:  # refused before any data or weights are read
+        args.init_lora_weights = check_init(args.init_lora_weights)
+    except LoRAError as e:
+        raise TrainError(str(e)) from None
     if args.data_path is None:  # --lora_name alone picks the matching demo file, as MiniMind's lora_{task}.jsonl
         demo_file = DEMO_DIR / f"{args.lora_name}.jsonl"
         if not demo_file.is_file() and args.lora_name not in DEMO_ADAPTERS:
