@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_SECTIONS = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "serve")
+CPU_SECTIONS = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "variants", "serve")
 
 
 def test_bench_quick_writes_every_section(tmp_path):
@@ -18,7 +18,7 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert [s.split()[0] for s in sections] == list(CPU_SECTIONS)
     for s in sections:
         assert s.split()[1] == "(cpu):"
-        if s.startswith("ecosystem") and "skipped:" in s:
+        if s.startswith(("ecosystem", "variants")) and "skipped:" in s:
             continue  # transformers/peft not installed
         assert "- ratio " in s, s
 
