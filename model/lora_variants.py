@@ -51,10 +51,18 @@ class DoRA(LoRA):
 
     @torch.no_grad()
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """||W0 + s B A|| per output row, in fp32, detached: one d x k temporary, the least the norm needs."""
+        """||W0 + s B A|| per output row, in fp32, detached: one d x k temporary, the least the norm needs.
+        Kept until W0, A or B change (their version counters tell), so decoding a token does not redo it."""
+        a, b = self.A.weight, self.B.weight
+        key = tuple((t.data_ptr(), t._version) for t in (weight, a, b)) + (self.scale,)
+        if getattr(self, "_norm_key", None) == key and not torch.compiler.is_compiling():
+            return self._norm
         with torch.autocast(weight.device.type, enabled=False):
-            w = torch.addmm(weight.float(), self.B.weight.float(), self.A.weight.float(), alpha=self.scale)
-            return torch.linalg.vector_norm(w, dim=1)
+            w = torch.addmm(weight.float(), b.float(), a.float(), alpha=self.scale)
+            norm = torch.linalg.vector_norm(w, dim=1)
+        if not torch.compiler.is_compiling():
+            self._norm_key, self._norm = key, norm
+        return norm
 
     def factor(self, weight: torch.Tensor) -> torch.Tensor:
         return self.magnitude / self.weight_norm(weight)

@@ -445,3 +445,24 @@ def test_train_lora_unknown_init_is_one_line(sft_base, capsys):
     assert code == 2 and err.strip().splitlines() == [
         "error: init_lora_weights 'svd' is not known; use one of default, gaussian, pissa, olora or pissa_niter_N "
         "(N >= 1: PiSSA by a randomised SVD of N iterations)"]
+
+
+def test_dora_norm_kept_between_forwards_is_redone_when_a_weight_changes():
+    model = dora_model()
+    x = torch.randint(0, 512, (1, 5))
+    logits(model, x)
+    layer = lora_layers(model)[0][1]
+    kept = layer.lora["default"]._norm
+    logits(model, x)
+    assert layer.lora["default"]._norm is kept  # decoding a token does not redo the d x k norm
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora["default"].B.weight.mul_(3)  # in place, as an optimizer step
+    fresh = base_model()
+    apply_lora(fresh, rank=4, alpha=8, use_dora=True)
+    for (_, m), (_, f) in zip(lora_layers(model), lora_layers(fresh)):
+        with torch.no_grad():
+            for name in ("A", "B"):
+                getattr(f.lora["default"], name).weight.copy_(getattr(m.lora["default"], name).weight)
+            f.lora["default"].magnitude.copy_(m.lora["default"].magnitude)
+    assert max_diff(logits(model, x), logits(fresh, x), "DoRA after an in-place change of B vs fresh") <= 1e-5
