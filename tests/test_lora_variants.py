@@ -466,3 +466,73 @@ def test_dora_norm_kept_between_forwards_is_redone_when_a_weight_changes():
                 getattr(f.lora["default"], name).weight.copy_(getattr(m.lora["default"], name).weight)
             f.lora["default"].magnitude.copy_(m.lora["default"].magnitude)
     assert max_diff(logits(model, x), logits(fresh, x), "DoRA after an in-place change of B vs fresh") <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """out/full_sft_64.pth of a varied tiny base, a DoRA adapter and a plain one for it."""
+    out = tmp_path_factory.mktemp("served") / "out"
+    model = varied_model(0)
+    save_model(model, out / "full_sft_64.pth")
+    apply_lora(model, rank=4, alpha=8, use_dora=True, target_modules="all-linear", adapter_name="lora_d")
+    randomize_B(model, "lora_d")
+    with torch.no_grad():
+        for _, m in lora_layers(model):
+            m.lora["lora_d"].B.weight.mul_(10)
+    spread_magnitude(model)
+    save_lora(model, out / "lora" / "lora_d_64.pth", "lora_d")
+    apply_lora(model, rank=4, alpha=8, adapter_name="lora_p")
+    randomize_B(model, "lora_p", seed=5)
+    save_lora(model, out / "lora" / "lora_p_64.pth", "lora_p")
+    return out
+
+
+def test_eval_llm_answers_with_a_dora_adapter_merged_or_not(served, capsys):
+    import eval_llm
+
+    def run(*extra):
+        assert eval_llm.main(["--save_dir", str(served), "--hidden_size", "64", "--temperature", "0",
+                              "--max_new_tokens", "8", "--prompt", "hello", *extra]) == 0
+        return capsys.readouterr().out
+
+    base, dora = run(), run("--lora_weight", "lora_d")
+    assert run("--lora_weight", "lora_d", "--merge") == dora
+    assert dora.split("] ", 1)[1] != base.split("\n", 1)[1]  # the adapter changes the reply
+
+
+def test_engine_serves_dora_and_plain_rows_together_as_each_alone(served):
+    from model.engine import Engine, Request
+    from model.tokenizer import Tokenizer
+    from tests.conftest import solo_reply
+    from tests.test_engine import run
+    tok = Tokenizer()
+    engine = Engine(varied_model(0), tok, max_batch=4, max_seq_len=64, max_loras=2, max_lora_rank=4).start()
+    try:
+        engine.register("d", served / "lora" / "lora_d_64.pth")
+        engine.register("p", served / "lora" / "lora_p_64.pth")
+        prompt = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                         tokenize=True)
+        events = run(engine, Request(prompt, "d", max_tokens=6), Request(prompt, "p", max_tokens=6),
+                     Request(prompt, None, max_tokens=6))
+        replies = [e[-1]["text"] for e in events]
+        want = [solo_reply(varied_model(0), tok, prompt, 6, served / "lora" / f"lora_{n}_64.pth") for n in "dp"]
+        assert replies[:2] == want and replies[2] == solo_reply(varied_model(0), tok, prompt, 6)
+        assert len(set(replies)) == 3
+    finally:
+        engine.stop()
+
+
+def test_lora_stats_counts_doras_magnitude_vectors(capsys):
+    from model.model_lora import lora_parameters
+    from scripts.lora_stats import lora_table, main
+    config = tiny_config()
+    model = MiniMindForCausalLM(config)
+    apply_lora(model, rank=4, target_modules="all-linear", use_dora=True)
+    table = lora_table(config, 4, "all-linear", use_dora=True)
+    assert table["lora"] == sum(p.numel() for p in lora_parameters(model))
+    assert table["magnitudes"] == sum(m.out_features for _, m in lora_layers(model)) and table["modules"] == 14
+    assert table["lora"] - lora_table(config, 4, "all-linear")["lora"] == table["magnitudes"]
+    main(["--hidden_size", "64", "--num_hidden_layers", "2", "--num_attention_heads", "4", "--num_key_value_heads",
+          "2", "--vocab_size", "512", "--lora_rank", "4", "--lora_targets", "all-linear", "--use_dora"])
+    assert f"DoRA magnitude vectors: 14 (one per module, d values each): {table['magnitudes']:,} of the " \
+           f"{table['lora']:,} trained parameters" in capsys.readouterr().out
