@@ -54,13 +54,15 @@ class DoRA(LoRA):
         """||W0 + s B A|| per output row, in fp32, detached: one d x k temporary, the least the norm needs.
         Kept until W0, A or B change (their version counters tell), so decoding a token does not redo it."""
         a, b = self.A.weight, self.B.weight
-        key = tuple((t.data_ptr(), t._version) for t in (weight, a, b)) + (self.scale,)
-        if getattr(self, "_norm_key", None) == key and not torch.compiler.is_compiling():
-            return self._norm
+        keep = not torch.compiler.is_compiling()  # a compiled graph recomputes it (version counters are eager-only)
+        if keep:
+            key = tuple((t.data_ptr(), t._version) for t in (weight, a, b)) + (self.scale,)
+            if getattr(self, "_norm_key", None) == key:
+                return self._norm
         with torch.autocast(weight.device.type, enabled=False):
             w = torch.addmm(weight.float(), b.float(), a.float(), alpha=self.scale)
             norm = torch.linalg.vector_norm(w, dim=1)
-        if not torch.compiler.is_compiling():
+        if keep:
             self._norm_key, self._norm = key, norm
         return norm
 

@@ -649,7 +649,7 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
 
 
 _CONFIG_FIELDS = {"rank": "an integer of at least 1", "alpha": "a finite number", "dropout": "a finite number",
-                  "use_rslora": "true or false", "base": "an object"}
+                  "use_rslora": "true or false", "use_dora": "true or false", "base": "an object"}
 
 
 def _bank_config(raw, source: str) -> Optional[dict]:
@@ -666,7 +666,7 @@ def _bank_config(raw, source: str) -> Optional[dict]:
         value = config.get(key)
         if value is None:
             continue
-        if key == "use_rslora":
+        if key in ("use_rslora", "use_dora"):
             ok = isinstance(value, bool)
         elif key == "base":
             ok = isinstance(value, dict)
