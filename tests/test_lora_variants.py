@@ -323,8 +323,7 @@ def train_a_few_steps(model, steps=3, seed=0):
     return model.eval()
 
 
-@pytest.mark.parametrize("init, use_dora, use_rslora", [("pissa", False, False), ("olora", True, False),
-                                                        ("pissa", True, True)])
+@pytest.mark.parametrize("init, use_dora, use_rslora", [("pissa", False, False), ("olora", True, True)])
 def test_a_saved_pissa_or_olora_adapter_works_on_the_unmodified_base(tmp_path, init, use_dora, use_rslora):
     model = base_model()
     apply_lora(model, rank=4, alpha=8, target_modules="all-linear", init_lora_weights=init, use_dora=use_dora,
