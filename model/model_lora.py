@@ -6,6 +6,7 @@
 - Adapter files hold only A and B under MiniMind's keys (`{module}.lora.A.weight`, r x in;
   `{module}.lora.B.weight`, out x r) plus a JSON config: in `.pth` as the string under
   `"__lora_config__"`, in `.safetensors` in the header. A file without it is MiniMind's: scale 1.
+  A DoRA adapter adds `{module}.lora.magnitude` (out,); variants live in lora_variants.py.
 - Default targets follow MiniMind: the square projections (q_proj and o_proj under GQA).
 """
 import contextlib
@@ -30,6 +31,7 @@ FORMAT_VERSION = 1
 FINGERPRINT_DIMS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "intermediate_size")
 _KEY = re.compile(r"^(?P<module>.+)\.lora\.(?P<matrix>[AB])\.weight$")
+_MAGNITUDE_KEY = re.compile(r"^(?P<module>.+)\.lora\.magnitude$")  # DoRA's magnitude vector, (out,)
 
 
 class LoRAError(CheckpointError, ValueError):
@@ -89,14 +91,22 @@ class LoRA(nn.Module):
         # B(Ax): r*(d+k) multiply-adds per token; the d x k matrix B @ A is never built here.
         return self.B(self.A(self.dropout(x))) * self.scale
 
-    def add_to(self, y, x):
-        """y + forward(x), with the scale and the sum done inside one matmul (no (tokens, out) temporaries)."""
+    def add_to(self, y, x, layer=None):
+        """y + forward(x), with the scale and the sum done inside one matmul (no (tokens, out) temporaries).
+        `layer` (the LoRALinear) is for variants whose branch reads W0, such as DoRA."""
         ax = self.A(self.dropout(x))
         return torch.addmm(y.flatten(0, -2), ax.flatten(0, -2), self.B.weight.t(), alpha=self.scale).view_as(y)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A in fp32, the d x k update; only merging needs it."""
         return (self.B.weight.float() @ self.A.weight.float()) * self.scale
+
+    def merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight with this adapter folded in; `unmerged` inverts it."""
+        return weight + self.delta_weight()
+
+    def unmerged(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight()
 
 
 class LoRALinear(nn.Module):
@@ -121,7 +131,7 @@ class LoRALinear(nn.Module):
             return self.bank.add_rows(self, y, x)
         if self.active_adapter is None or self.merged_adapter is not None:
             return y
-        return self.lora[self.active_adapter].add_to(y, x)
+        return self.lora[self.active_adapter].add_to(y, x, self)
 
     @torch.no_grad()
     def merge(self, name: str) -> None:
@@ -130,7 +140,7 @@ class LoRALinear(nn.Module):
                             "(the merged weights are then full precision)")
         # In bf16/fp16, W0 + delta - delta rounds twice (5% of a bf16 W0's entries moved): keep W0 to restore it.
         self.unmerged_weight = None if self.weight.dtype == torch.float32 else self.weight.detach().clone()
-        self.weight.copy_((self.weight.float() + self.lora[name].delta_weight()).to(self.weight.dtype))
+        self.weight.copy_(self.lora[name].merged(self.weight.float()).to(self.weight.dtype))
         self.merged_adapter = name
 
     @torch.no_grad()
@@ -139,8 +149,7 @@ class LoRALinear(nn.Module):
             self.weight.copy_(self.unmerged_weight)
             self.unmerged_weight = None
         else:
-            delta = self.lora[self.merged_adapter].delta_weight()
-            self.weight.copy_((self.weight.float() - delta).to(self.weight.dtype))
+            self.weight.copy_(self.lora[self.merged_adapter].unmerged(self.weight.float()).to(self.weight.dtype))
         self.merged_adapter = None
 
     def extra_repr(self) -> str:
@@ -197,22 +206,28 @@ def _check_not_merged(model, doing: str) -> None:
 
 
 def apply_lora(model, rank: int = 8, alpha: float = 16, dropout: float = 0.0, target_modules=None,
-               use_rslora: bool = False, adapter_name: str = "default") -> dict:
+               use_rslora: bool = False, adapter_name: str = "default", use_dora: bool = False,
+               init_lora_weights: str = "default") -> dict:
     """Add a new adapter `adapter_name` to the target layers, make it the active one and the only
     trainable parameters (base weights and other adapters frozen). Returns `adapter_stats`.
     target_modules: None (MiniMind's square layers), names from PROJECTIONS (list or 'q_proj,v_proj'),
-    or 'all-linear'. Calling it again with another adapter_name adds a second adapter."""
+    or 'all-linear'. Calling it again with another adapter_name adds a second adapter.
+    use_dora, init_lora_weights (default, gaussian, pissa, pissa_niter_N, olora): PEFT's variants, see lora_variants."""
+    from model.lora_variants import changes_base, check_init, make_lora
     root = unwrap(model)
     _check_name(adapter_name)
     _check_not_merged(root, "adding an adapter")
+    init = check_init(init_lora_weights)
     targets = find_targets(root, target_modules)
     if adapter_name in list_adapters(root):
         raise LoRAError(f"adapter {adapter_name!r} already exists; pick another adapter_name")
+    if changes_base(init) and list_adapters(root):  # the others were made for W0, not for W0 - sBA
+        raise LoRAError(f"init_lora_weights {init!r} changes the base weights, but the model already holds adapters "
+                        f"{list_adapters(root)}; apply it to a model without adapters")
     for name, layer in targets:
-        w = layer.weight
-        lora = LoRA(layer.in_features, layer.out_features, rank, alpha, dropout, use_rslora, device=w.device,
-                    dtype=w.dtype)
-        _wrap(root, name, layer).lora[adapter_name] = lora.train(root.training)  # follow the model's mode
+        layer = _wrap(root, name, layer)
+        lora = make_lora(layer, rank, alpha, dropout, use_rslora, use_dora, init)
+        layer.lora[adapter_name] = lora.train(root.training)  # follow the model's mode
     mark_only_lora_trainable(root, adapter_name)
     set_adapter(root, adapter_name)
     return adapter_stats(root, adapter_name)
@@ -266,6 +281,8 @@ def adapter_config(model, adapter_name: Optional[str] = None) -> dict:
     kinds = sorted({n.rsplit(".", 1)[-1] for n, _ in layers}, key=PROJECTIONS.index)
     return {"format_version": FORMAT_VERSION, "adapter_name": name, "rank": first.rank, "alpha": first.alpha,
             "use_rslora": first.use_rslora, "dropout": getattr(first.dropout, "p", 0.0),
+            "use_dora": hasattr(first, "magnitude"),
+            "init_lora_weights": getattr(first, "init_lora_weights", "default"),
             "target_modules": kinds, "dtype": str(first.A.weight.dtype).removeprefix("torch."),
             "base": base_fingerprint(model, layers)}
 
@@ -300,6 +317,12 @@ def _probe(root: nn.Module, key: str) -> list:
     if w.is_meta:  # a model built only to count parameters has no values
         return []
     idx = torch.linspace(0, w.numel() - 1, PROBE_POINTS).long().to(w.device)
+    layer = root.get_submodule(key.removesuffix(".weight")) if key.endswith(".weight") else None
+    if isinstance(layer, LoRALinear):  # PiSSA/OLoRA hold W0 - sB0A0 in the base: probe W0, what the file fits
+        from model.lora_variants import residual
+        for lora in layer.lora.values():
+            if (res := residual(lora)) is not None:
+                w = w.float() + res.flatten().to(w.device)
     return [float(f"{v:.4g}") for v in w[idx].float().tolist()]
 
 
@@ -402,22 +425,34 @@ def unload_lora(model) -> nn.Module:
     return root
 
 
-def lora_state_dict(model, adapter_name: Optional[str] = None) -> dict:
-    """One adapter's A and B under MiniMind's keys, on CPU, plus its JSON config under CONFIG_KEY."""
+def lora_state_dict(model, adapter_name: Optional[str] = None, as_trained: bool = False,
+                    extra_config: Optional[dict] = None) -> dict:
+    """One adapter's A and B (DoRA: and magnitude) under MiniMind's keys, on CPU, plus its JSON config under
+    CONFIG_KEY. A PiSSA/OLoRA adapter comes converted to fit the unmodified base (rank 2r), unless `as_trained`
+    (a resume checkpoint: the run rebuilds the same residual base and goes on from A and B). extra_config: more
+    facts of the run for the config, such as LoRA+'s loraplus_lr_ratio."""
+    from model.lora_variants import converted
     name = _resolve_name(model, adapter_name)
-    state = {}
+    state, config = {}, {**adapter_config(model, name), **(extra_config or {})}
     for module, m in lora_layers(model):
         if name in m.lora:
-            state[f"{module}.lora.A.weight"] = m.lora[name].A.weight.detach().cpu().contiguous()
-            state[f"{module}.lora.B.weight"] = m.lora[name].B.weight.detach().cpu().contiguous()
+            lora = m.lora[name]
+            a, b = lora.A.weight.detach(), lora.B.weight.detach()
+            if getattr(lora, "A0", None) is not None and not as_trained:
+                a, b, config["alpha"] = converted(lora)
+                config["rank"] = a.shape[0]
+            state[f"{module}.lora.A.weight"] = a.cpu().contiguous()
+            state[f"{module}.lora.B.weight"] = b.cpu().contiguous()
+            if hasattr(lora, "magnitude"):
+                state[f"{module}.lora.magnitude"] = lora.magnitude.detach().cpu().contiguous()
     state = clean_state_dict(state)  # names come from the unwrapped model; belt and braces
-    state[CONFIG_KEY] = json.dumps(adapter_config(model, name))
+    state[CONFIG_KEY] = json.dumps(config)
     return state
 
 
-def save_lora(model, path, adapter_name: Optional[str] = None) -> Path:
+def save_lora(model, path, adapter_name: Optional[str] = None, extra_config: Optional[dict] = None) -> Path:
     """Write one adapter (default: the active one) to `.pth` or `.safetensors`, atomically; returns the path."""
-    state = lora_state_dict(model, adapter_name)
+    state = lora_state_dict(model, adapter_name, extra_config=extra_config)
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
@@ -490,8 +525,9 @@ def load_lora(model, path, adapter_name: Optional[str] = None) -> str:
     return load_lora_state_dict(model, state, name, source=str(path))
 
 
-def _parse_adapter(state: dict, source: str) -> tuple[dict, Optional[dict]]:
-    """{module: (A, B)} and the config (None for a MiniMind file), with shape checks of the file itself."""
+def _parse_adapter(state: dict, source: str, magnitudes: Optional[dict] = None) -> tuple[dict, Optional[dict]]:
+    """{module: (A, B)} and the config (None for a MiniMind file), with shape checks of the file itself.
+    DoRA's `{module}.lora.magnitude` vectors go into `magnitudes` when given, and are refused otherwise."""
     state = dict(state)
     config = state.pop(CONFIG_KEY, None)
     try:
@@ -502,7 +538,12 @@ def _parse_adapter(state: dict, source: str) -> tuple[dict, Optional[dict]]:
         raise LoRAError(f"{source}: the adapter's config is a JSON {type(config).__name__}, not an object; "
                         f"{REPLACE_HINT}")
     pairs: dict[str, dict] = {}
+    found_magnitudes = {}
     for key, tensor in state.items():
+        match = _MAGNITUDE_KEY.match(key)
+        if match is not None and isinstance(tensor, torch.Tensor):
+            found_magnitudes[match["module"]] = tensor
+            continue
         match = _KEY.match(key)
         if match is None or not isinstance(tensor, torch.Tensor):
             raise LoRAError(f"{source}: unexpected key {key!r}; an adapter holds only "
@@ -519,7 +560,29 @@ def _parse_adapter(state: dict, source: str) -> tuple[dict, Optional[dict]]:
                             f"expected (r, in) and (out, r)")
         if config is not None and a.shape[0] != config.get("rank", a.shape[0]):
             raise LoRAError(f"{source}: {module} has rank {a.shape[0]} but the config says {config['rank']}")
-    return {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}, config
+    pairs = {m: (ab["A"], ab["B"]) for m, ab in pairs.items()}
+    _check_magnitudes(found_magnitudes, pairs, config, source, magnitudes is not None)
+    if magnitudes is not None:
+        magnitudes.update(found_magnitudes)
+    return pairs, config
+
+
+def _check_magnitudes(found: dict, pairs: dict, config: Optional[dict], source: str, supported: bool) -> None:
+    """DoRA's magnitudes: one (out,) vector for every module with A and B, or none at all."""
+    if found and not supported:
+        raise LoRAError(f"{source}: DoRA adapters (lora.magnitude) are not supported here; use a plain LoRA adapter")
+    if not found and (config or {}).get("use_dora"):
+        raise LoRAError(f"{source}: the config says use_dora but the file holds no lora.magnitude vectors; "
+                        f"{REPLACE_HINT}")
+    for module, m in found.items():
+        if module not in pairs:
+            raise LoRAError(f"{source}: {module} has lora.magnitude but no lora.A and lora.B")
+        if m.ndim != 1 or m.shape[0] != pairs[module][1].shape[0]:
+            raise LoRAError(f"{source}: {module} has lora.magnitude of shape {tuple(m.shape)}; expected "
+                            f"({pairs[module][1].shape[0]},), one per output row")
+    missing = next((m for m in pairs if found and m not in found), None)
+    if missing is not None:
+        raise LoRAError(f"{source}: {missing} has no lora.magnitude while other modules have one (DoRA)")
 
 
 def _check_fits_base(root: nn.Module, pairs: dict, config: Optional[dict], source: str) -> None:
@@ -548,7 +611,8 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
     root = unwrap(model)
     _check_name(adapter_name)
     _check_not_merged(root, "loading an adapter")
-    pairs, config = _parse_adapter(clean_state_dict(state), source)
+    magnitudes = {}
+    pairs, config = _parse_adapter(clean_state_dict(state), source, magnitudes)
     _check_fits_base(root, pairs, config, source)
     _warn_if_other_base(root, config, source)
     existing = {n: m.lora[adapter_name] for n, m in lora_layers(root) if adapter_name in m.lora}
@@ -560,6 +624,10 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
         if old.rank != pairs[module][0].shape[0]:
             raise LoRAError(f"{source}: {module} has rank {pairs[module][0].shape[0]} in the file but "
                             f"{old.rank} in adapter {adapter_name!r}")
+        if hasattr(old, "magnitude") != (module in magnitudes):
+            raise LoRAError(f"{source}: the file is {'DoRA' if magnitudes else 'plain LoRA'} but adapter "
+                            f"{adapter_name!r} is {'DoRA' if hasattr(old, 'magnitude') else 'plain LoRA'}; load it "
+                            f"under another adapter_name")
     # No config: a MiniMind file, whose forward is W0x + B(Ax), i.e. scale 1, so alpha = r.
     config = config or {}
     modules = dict(root.named_modules())
@@ -569,8 +637,11 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
         layer = _wrap(root, module, modules[module])
         lora = existing.get(module)
         if lora is None:
-            lora = LoRA(layer.in_features, layer.out_features, rank, alpha, config.get("dropout", 0.0),
-                        device=layer.weight.device, dtype=layer.weight.dtype)
+            from model.lora_variants import DoRA
+            lora = (DoRA if module in magnitudes else LoRA)(layer.in_features, layer.out_features, rank, alpha,
+                                                            config.get("dropout", 0.0), device=layer.weight.device,
+                                                            dtype=layer.weight.dtype)
+            lora.init_lora_weights = config.get("init_lora_weights", "default")  # a record: the file fits W0 as is
             lora.requires_grad_(False)  # loaded for inference; apply_lora then load into its name to train on
             lora.train(root.training)  # a new module is in training mode: its dropout would fire in an eval model
             layer.lora[adapter_name] = lora
@@ -578,12 +649,14 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
         with torch.no_grad():
             lora.A.weight.copy_(a)  # copy_ casts: MiniMind files are often fp16
             lora.B.weight.copy_(b)
+            if module in magnitudes:
+                lora.magnitude.copy_(magnitudes[module])
     set_adapter(root, adapter_name)
     return adapter_name
 
 
 _CONFIG_FIELDS = {"rank": "an integer of at least 1", "alpha": "a finite number", "dropout": "a finite number",
-                  "use_rslora": "true or false", "base": "an object"}
+                  "use_rslora": "true or false", "use_dora": "true or false", "base": "an object"}
 
 
 def _bank_config(raw, source: str) -> Optional[dict]:
@@ -600,7 +673,7 @@ def _bank_config(raw, source: str) -> Optional[dict]:
         value = config.get(key)
         if value is None:
             continue
-        if key == "use_rslora":
+        if key in ("use_rslora", "use_dora"):
             ok = isinstance(value, bool)
         elif key == "base":
             ok = isinstance(value, dict)
@@ -617,7 +690,9 @@ class AdapterBank:
     Every projection keeps the resident adapters' A and B stacked in slots (`bank_A`: slots x max_rank x in,
     `bank_B`: slots x out x max_rank; slot 0 stays zero = no adapter); `select(slot of each row)` before a
     forward, and each layer adds gather-then-batched B(Ax) per row. Nothing is merged or switched, so no
-    row can change another row's adapter. A smaller rank is zero-padded, which adds exact zeros."""
+    row can change another row's adapter. A smaller rank is zero-padded, which adds exact zeros.
+    DoRA: served weights are frozen, so each slot's m / ||W0 + sBA|| is computed once, at load (`bank_factor`,
+    slots x out, ones for plain LoRA), and a row's output is that factor times W0x + sBAx."""
 
     def __init__(self, model, slots: int, max_rank: int = 16):
         root = unwrap(model)
@@ -630,19 +705,28 @@ class AdapterBank:
             layer.bank = self
             layer.bank_A = w.new_zeros(slots + 1, max_rank, layer.in_features)
             layer.bank_B = w.new_zeros(slots + 1, layer.out_features, max_rank)
+            layer.bank_factor = w.new_ones(slots + 1, layer.out_features)
             self.layers[name] = layer
         self.scale = w.new_zeros(slots + 1)
+        self.dora = torch.zeros(slots + 1, dtype=torch.bool)  # slots holding a DoRA adapter
+        self.rows_dora = False
         self.rows: Optional[torch.Tensor] = None   # (B,) slot per row; None while no row has an adapter
         self.row_scale: Optional[torch.Tensor] = None
 
     def check(self, path) -> tuple[dict, float]:
-        """Read an adapter file and check all of it fits this bank: ({module: (A, B)}, scale). A server reads files
-        again long after registering them, so anything wrong with one becomes a one-line LoRAError, never a crash."""
+        """Read an adapter file and check all of it fits this bank: ({module: (A, B)}, scale)."""
+        return self._read(path)[:2]
+
+    def _read(self, path) -> tuple[dict, float, dict]:
+        """check's answer plus DoRA's {module: magnitude}. A server reads files again long after registering them, so
+        anything wrong with one becomes a one-line LoRAError, never a crash."""
         source = str(path)
+        magnitudes = {}
         try:
             state = read_lora_file(path)
             config = _bank_config(state.get(CONFIG_KEY), source)
-            pairs, config = _parse_adapter({**state, CONFIG_KEY: config} if config is not None else state, source)
+            pairs, config = _parse_adapter({**state, CONFIG_KEY: config} if config is not None else state, source,
+                                           magnitudes)
             _check_fits_base(self.root, pairs, config, source)
             foreign = next((m for m in pairs if m not in self.layers), None)
             if foreign is not None:  # e.g. lm_head: a linear layer of the model, but no slot holds it
@@ -653,6 +737,9 @@ class AdapterBank:
                     raise LoRAError(f"{source}: {module} has rank 0")
                 if not (a.is_floating_point() and b.is_floating_point() and a.isfinite().all() and b.isfinite().all()):
                     raise LoRAError(f"{source}: {module} holds values that are not finite floats")
+                m = magnitudes.get(module)
+                if m is not None and not (m.is_floating_point() and m.isfinite().all()):
+                    raise LoRAError(f"{source}: {module} has a lora.magnitude that is not finite floats")
         except LoRAError:
             raise
         except Exception as e:  # whatever else a damaged or hostile file trips; named by type only, never by content
@@ -664,27 +751,35 @@ class AdapterBank:
         if config is not None and len(ranks) > 1:  # one scale per slot, so alpha / r must be one number
             raise LoRAError(f"{source}: modules have ranks {ranks}; an adapter with a config has one rank")
         config = config or {}  # no config: a MiniMind file, scale 1 in every module whatever its rank
-        return pairs, lora_scale(config.get("alpha", ranks[0]), ranks[0], bool(config.get("use_rslora", False)))
+        scale = lora_scale(config.get("alpha", ranks[0]), ranks[0], bool(config.get("use_rslora", False)))
+        return pairs, scale, magnitudes
 
     @torch.no_grad()
     def load(self, slot: int, path) -> None:
         """Put the adapter file into `slot` (1..slots), replacing what was there."""
         if not 1 <= slot <= self.slots:
             raise LoRAError(f"slot {slot} is outside 1..{self.slots}")
-        pairs, scale = self.check(path)
+        pairs, scale, magnitudes = self._read(path)
         self.clear(slot)
         for module, (a, b) in pairs.items():
             layer = self.layers[module]
             layer.bank_A[slot, :a.shape[0]] = a
             layer.bank_B[slot, :, :a.shape[0]] = b
+            if module in magnitudes:  # DoRA's m / ||W0 + sBA||, in fp32 as in training
+                w = torch.addmm(layer.weight.float(), b.float().to(layer.weight.device),
+                                a.float().to(layer.weight.device), alpha=scale)
+                layer.bank_factor[slot] = magnitudes[module].float().to(w.device) / torch.linalg.vector_norm(w, dim=1)
         self.scale[slot] = scale
+        self.dora[slot] = bool(magnitudes)
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
             layer.bank_A[slot].zero_()
             layer.bank_B[slot].zero_()
+            layer.bank_factor[slot].fill_(1.0)
         self.scale[slot] = 0.0
+        self.dora[slot] = False
 
     def select(self, slots, always: bool = False) -> None:
         """The slot of each batch row for the next forwards (0: no adapter); all zeros skips the branch unless
@@ -692,10 +787,15 @@ class AdapterBank:
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.scale.device)
         self.rows = slots if always or bool(slots.any()) else None
         self.row_scale = self.scale[slots][:, None, None] if self.rows is not None else None
+        self.rows_dora = self.rows is not None and bool(self.dora[slots.cpu()].any())
 
     def add_rows(self, layer: LoRALinear, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """y + scale_b * B_b(A_b x_b) for each row b of x (B, T, in)."""
         a = layer.bank_A[self.rows]  # (B, r, in): gather each row's A
         b = layer.bank_B[self.rows]  # (B, out, r)
         ax = torch.bmm(x, a.transpose(1, 2)) * self.row_scale
-        return torch.baddbmm(y, ax, b.transpose(1, 2))
+        z = torch.baddbmm(y, ax, b.transpose(1, 2))
+        if not self.rows_dora:
+            return z
+        f = layer.bank_factor[self.rows][:, None, :].to(z.dtype)  # (B, 1, out); 1 for rows without DoRA
+        return z * f if layer.bias is None else (z - layer.bias) * f + layer.bias

@@ -4,7 +4,8 @@ A PEFT folder is `adapter_config.json` plus `adapter_model.safetensors` (or the 
 keys `base_model.model.{module}.lora_A.weight` (r x in) and `.lora_B.weight` (out x r): our A and B under
 another name, since our module names are Hugging Face Qwen3's. The maths is the same (`lora_alpha / r`, or
 `/ sqrt(r)` with use_rslora), so a conversion copies tensors and renames keys; it never changes a value.
-Only plain LoRA converts: options that change what the adapter computes are refused, one line naming the option.
+DoRA (`use_dora`) converts too: PEFT's `{module}.lora_magnitude_vector` is our `{module}.lora.magnitude`.
+Other options that change what the adapter computes are refused, one line naming the option.
 """
 import json
 import re
@@ -21,12 +22,12 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_WEIGHTS_NAME = "adapter_model.bin"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 _PEFT_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<matrix>[AB])\.weight$")
+_PEFT_MAGNITUDE_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_magnitude_vector$")
 # A target_modules regex we can read as names: optional `^`, `.*` / `.*\.` / `(.*\.)?`, then `name` or `(a|b)`, `$`.
 _NAME_REGEX = re.compile(r"^\^?(?:\.\*(?:\\\.)?|\(\.\*\\\.\)\?)?(?P<paren>\()?(?P<names>\w+(?:\|\w+)*)(?(paren)\))\$?$")
 
 # PEFT options that change what the adapter computes or which weights it needs; any value but unset is refused.
 UNSUPPORTED = {
-    "use_dora": "DoRA adds a magnitude vector",
     "fan_in_fan_out": "Conv1D-style (in, out) weights",
     "modules_to_save": "full copies of whole modules, not LoRA",
     "rank_pattern": "a rank per module; one rank for all is supported",
@@ -60,7 +61,7 @@ def check_peft_config(config: dict, source: str) -> None:
     for option, why in UNSUPPORTED.items():
         if not _unset(config.get(option)):
             raise LoRAError(f"{source}: {option}={json.dumps(config[option])} is not supported ({why}); "
-                            f"only plain LoRA adapters convert")
+                            f"only LoRA and DoRA adapters convert")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(BASE_CHANGING_INITS):
         raise LoRAError(f"{source}: init_lora_weights={json.dumps(init)} is not supported: the adapter needs a "
@@ -138,16 +139,19 @@ def read_peft_folder(folder) -> dict:
     source = str(folder)
     check_peft_config(peft_config, source)
     state = {}
+    use_dora = bool(peft_config.get("use_dora", False))
     for key, tensor in _read_peft_weights(folder).items():
-        match = _PEFT_KEY.match(key)
+        match = _PEFT_KEY.match(key) or (_PEFT_MAGNITUDE_KEY.match(key) if use_dora else None)
         if match is None:
-            raise LoRAError(f"{source}: unexpected key {key!r}; a plain LoRA adapter holds only "
-                            f"{PEFT_PREFIX}{{module}}.lora_A.weight and .lora_B.weight")
+            raise LoRAError(f"{source}: unexpected key {key!r}; a LoRA adapter holds only "
+                            f"{PEFT_PREFIX}{{module}}.lora_A.weight and .lora_B.weight (DoRA: and "
+                            f".lora_magnitude_vector, with use_dora true)")
         if match["module"].rsplit(".", 1)[-1] not in PROJECTIONS:
             raise LoRAError(f"{source}: LoRA on {match['module']} is not supported; LoRA here adapts only "
                             f"{', '.join(PROJECTIONS)}")
-        state[f"{match['module']}.lora.{match['matrix']}.weight"] = tensor
-    pairs, _ = _parse_adapter(state, source)
+        what = f"{match['matrix']}.weight" if "matrix" in match.groupdict() else "magnitude"
+        state[f"{match['module']}.lora.{what}"] = tensor
+    pairs, _ = _parse_adapter({**state, CONFIG_KEY: {"use_dora": use_dora}}, source, {})
     rank = peft_config.get("r", 8)  # PEFT's defaults stand for what the file leaves out
     for module, (a, _) in pairs.items():
         if a.shape[0] != rank:
@@ -155,17 +159,23 @@ def read_peft_folder(folder) -> dict:
     some_a = next(iter(pairs.values()))[0]
     config = {"format_version": FORMAT_VERSION, "rank": rank, "alpha": peft_config.get("lora_alpha", 8),
               "use_rslora": bool(peft_config.get("use_rslora", False)),
-              "dropout": peft_config.get("lora_dropout", 0.0),
+              "dropout": peft_config.get("lora_dropout", 0.0), "use_dora": use_dora,
+              "init_lora_weights": _our_init(peft_config.get("init_lora_weights", True)),
               "target_modules": sorted({m.rsplit(".", 1)[-1] for m in pairs}, key=PROJECTIONS.index),
               "dtype": str(some_a.dtype).removeprefix("torch."), "base": _shape_fingerprint(pairs)}
     state[CONFIG_KEY] = json.dumps(config)
     return state
 
 
+def _our_init(init) -> str:
+    return "default" if init is True else str(init)
+
+
 def peft_adapter(state: dict, base_model, base_model_name_or_path: str, source: str) -> tuple[dict, dict]:
     """Our adapter state (read_lora_file's form) as PEFT's (tensors, adapter_config) for `base_model`,
     which it must fit. target_modules is the kinds when they cover every layer, else the module paths."""
-    pairs, config = _parse_adapter(state, source)
+    magnitudes = {}
+    pairs, config = _parse_adapter(state, source, magnitudes)
     _check_fits_base(base_model, pairs, config, source)
     ranks = sorted({a.shape[0] for a, _ in pairs.values()})
     if len(ranks) > 1:
@@ -177,16 +187,25 @@ def peft_adapter(state: dict, base_model, base_model_name_or_path: str, source: 
     for module, (a, b) in sorted(pairs.items()):
         tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a.contiguous()
         tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b.contiguous()
+        if module in magnitudes:
+            tensors[f"{PEFT_PREFIX}{module}.lora_magnitude_vector"] = magnitudes[module].contiguous()
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": ranks[0], "lora_alpha": config.get("alpha", ranks[0]),
         "use_rslora": bool(config.get("use_rslora", False)), "lora_dropout": config.get("dropout", 0.0),
         "target_modules": kinds if every_layer else sorted(pairs), "bias": "none",
         "base_model_name_or_path": base_model_name_or_path, "fan_in_fan_out": False, "modules_to_save": None,
-        "use_dora": False, "inference_mode": True, "init_lora_weights": True, "rank_pattern": {},
+        "use_dora": bool(magnitudes), "inference_mode": True, "init_lora_weights": _peft_init(config),
+        "rank_pattern": {},
         "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None, "lora_bias": False,
         "revision": None,
     }
     return tensors, peft_config
+
+
+def _peft_init(config: dict):
+    # A PiSSA/OLoRA file is saved converted, for the unmodified base: PEFT then records True, as its conversion does.
+    init = config.get("init_lora_weights", "default")
+    return "gaussian" if init == "gaussian" else True
 
 
 def save_peft_folder(state: dict, out_dir, base_model, base_model_name_or_path: str, source: str) -> Path:

@@ -1,6 +1,6 @@
 """Benchmarks: LoRA's claims and the pipeline's speed, measured side by side with the ecosystem.
 
-    python scripts/bench.py [order lora_vs_full inference batching ecosystem qlora serve gpu] [--quick]
+    python scripts/bench.py [order lora_vs_full inference batching ecosystem variants qlora serve gpu] [--quick]
                             [--device cpu|cuda] [--repeats N] [--threads N] [--write [docs/BENCHMARKS.md]]
 
 No names runs them all (gpu only with --device cuda). Each sub-benchmark is one function returning
@@ -8,7 +8,7 @@ No names runs them all (gpu only with --device cuda). Each sub-benchmark is one 
 never asserted). --write rewrites the named sections of docs/BENCHMARKS.md and keeps the others.
 Timing: time.perf_counter, warmup first, median of repeats, explicit torch threads; competing variants run
 interleaved (a, b, a, b, ...) so that machine noise hits both alike. --quick: tiny sizes, a smoke test.
-transformers, peft and bitsandbytes are imported lazily, by `ecosystem` and `qlora` only.
+transformers, peft and bitsandbytes are imported lazily, by `ecosystem`, `variants` and `qlora` only.
 """
 import argparse
 import contextlib
@@ -38,7 +38,7 @@ from dataset.lm_dataset import (DEMO_DIR, LengthGroupedBatchSampler, PadCollator
 from model.model_lora import apply_lora, lora_layers, merge_lora, set_adapter, unmerge_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
-ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "qlora", "serve", "gpu")
+ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "variants", "qlora", "serve", "gpu")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 DEMO = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
 MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
@@ -672,6 +672,133 @@ def bench_qlora(args):
     return rows, notes
 
 
+# ---- 5b. variants: DoRA, LoRA+, PiSSA init, each against plain LoRA and against PEFT's own -----------------
+
+VARIANTS = {"LoRA": {}, "DoRA": {"use_dora": True}, "LoRA+": {"loraplus": 16}, "PiSSA init": {"init": "pissa"}}
+VARIANT_TARGETS = {"vs PEFT": 0.9, "DoRA vs LoRA": 1.5}  # ours / theirs time; DoRA / plain LoRA, both ours
+
+
+def bench_variants(args):
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        return [], [f"skipped: {e.name} is not installed (pip install -r requirements-dev.txt)"]
+    scales = [(TINY, 2, 32)] if args.quick else [(DEMO, 8, 256), (MINIMIND3, 8, 256)]
+    rows, notes = [], []
+    cuda = args.device.startswith("cuda")
+    mem = "peak alloc MB" if cuda else "saved activations MB"
+    for dims, batch, seq in scales:
+        r = run_child({"child": "variants", "dims": dims, "batch": batch, "seq": seq, "repeats": args.repeats,
+                       "threads": torch.get_num_threads(), "device": args.device})
+        plain = r["ours LoRA"]["times"]
+        for name in VARIANTS:
+            ours, theirs = r[f"ours {name}"], r[f"PEFT {name}"]
+            lo, mid, hi = spread(ours["times"], theirs["times"])
+            rows.append({"scale": scale_name(dims), "batch x seq": f"{batch}x{seq}", "variant": name,
+                         "ours ms": 1e3 * med(ours["times"]), "PEFT ms": 1e3 * med(theirs["times"]),
+                         "ours/PEFT": mid, "ours/PEFT min": lo, "ours/PEFT max": hi,
+                         "ours/our LoRA": spread(ours["times"], plain)[1],
+                         f"ours {mem}": ours["bytes"] / 2**20, f"PEFT {mem}": theirs["bytes"] / 2**20,
+                         "same loss": "yes" if abs(ours["loss"] - theirs["loss"]) <= 1e-4 else "no"})
+    for row in rows:
+        notes.append(f"ratio ours/PEFT time, {row['variant']} step at {row['scale']}: {row['ours/PEFT']:.2f}x (min "
+                     f"{row['ours/PEFT min']:.2f}, max {row['ours/PEFT max']:.2f}); target <= "
+                     f"{VARIANT_TARGETS['vs PEFT']}x: {verdict(row['ours/PEFT'] <= VARIANT_TARGETS['vs PEFT'])}")
+    for row in rows:
+        if row["variant"] == "DoRA":
+            notes.append(f"ratio DoRA / plain LoRA time (both ours) at {row['scale']}: {row['ours/our LoRA']:.2f}x; "
+                         f"target <= {VARIANT_TARGETS['DoRA vs LoRA']}x: "
+                         f"{verdict(row['ours/our LoRA'] <= VARIANT_TARGETS['DoRA vs LoRA'])}")
+    notes.append("r=8, alpha 16 on all seven projections (train_lora's targets), AdamW over what trains, fp32; LoRA+ "
+                 "ratio 16 (ours: loraplus_param_groups, PEFT: create_loraplus_optimizer); PiSSA init is the same step "
+                 "as LoRA after an SVD start. PEFT = transformers' Qwen3 + peft "
+                 f"{peft.__version__} with the same weights (A, B, magnitude copied; PiSSA's SVD gives both the same "
+                 "start); 'same loss' compares the first step's loss (<= 1e-4). One fresh process per scale, every "
+                 "variant of both in it, warmed up, then run interleaved.")
+    notes.append("memory: " + ("torch.cuda.max_memory_allocated over one step, minus what was allocated before it"
+                               if cuda else "bytes of the tensors autograd saves for backward in one step (storages "
+                               "counted once, parameters excluded): what the variant adds to a step's peak; peak RSS "
+                               "cannot be taken per variant inside one process"))
+    return rows, notes
+
+
+def variant_pair(base, name, spec, peft, transformers):
+    """Ours and PEFT's model of one variant, equal weights, in training mode, each with its optimizer."""
+    from model.lora_variants import loraplus_param_groups
+    from peft.optimizers import create_loraplus_optimizer
+    v, dev = VARIANTS[name], spec["device"]
+    ours = copy.deepcopy(base).train()
+    apply_lora(ours, rank=8, alpha=16, target_modules="all-linear", use_dora=v.get("use_dora", False),
+               init_lora_weights=v.get("init", "default"))
+    theirs = peft.get_peft_model(hf_twin(base, transformers), peft.LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, use_dora=v.get("use_dora", False),
+        init_lora_weights=v.get("init", True))).train()
+    if "init" not in v:  # PiSSA: the same SVD already gave both the same A and B
+        randomize_lora_B(ours)
+        with torch.no_grad():
+            for module, m in lora_layers(ours):
+                t, lora = theirs.base_model.model.get_submodule(module), m.lora["default"]
+                t.lora_A["default"].weight.copy_(lora.A.weight)
+                t.lora_B["default"].weight.copy_(lora.B.weight)
+                if hasattr(lora, "magnitude"):
+                    t.lora_magnitude_vector["default"].weight.copy_(lora.magnitude)
+    fused = torch.device(dev).type == "cuda"
+    if "loraplus" in v:
+        ours_opt = torch.optim.AdamW(loraplus_param_groups(ours, 1e-4, v["loraplus"]), lr=1e-4, weight_decay=0.0,
+                                     fused=fused)
+        theirs_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=v["loraplus"],
+                                               weight_decay=0.0, fused=fused)
+    else:
+        ours_opt, theirs_opt = (adamw([p for p in m.parameters() if p.requires_grad], dev) for m in (ours, theirs))
+    return (ours, ours_opt), (theirs, theirs_opt)
+
+
+def step_memory(model, x, device) -> int:
+    """One forward/backward: CUDA's peak allocation over it, or on the CPU the bytes autograd saves for backward."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    sync(device)
+    start = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else 0
+    if start:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    sync(device)
+    return torch.cuda.max_memory_allocated() - start if start else sum(saved.values())
+
+
+def variants_child(spec: dict) -> dict:
+    import peft
+    import transformers
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")  # peft warns about APIs transformers deprecates
+    torch.set_num_threads(spec["threads"])
+    dev = spec["device"]
+    base = build_model(spec["dims"], dev)
+    x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(0)).to(dev)
+    fns, result = {}, {}
+    for name in VARIANTS:
+        for who, (model, opt) in zip(("ours", "PEFT"), variant_pair(base, name, spec, peft, transformers)):
+            with torch.no_grad():
+                loss = model(input_ids=x, labels=x).loss.item()
+            result[f"{who} {name}"] = {"loss": loss, "bytes": step_memory(model, x, dev)}
+            fns[f"{who} {name}"] = lambda m=model, o=opt: train_step(m, o, x, x)
+    times = interleaved(fns, spec["repeats"], dev, warmup=2)
+    for key, t in times.items():
+        result[key]["times"] = t
+    return result
+
+
 # ---- 6. serve: many adapters on one base, through the real server ------------------------------------------
 
 def start_server(folder: Path, h: int, flags: list, threads: int):
@@ -887,6 +1014,7 @@ TITLES = {"order": "LoRA matmul order: B(Ax) vs (BA)x", "lora_vs_full": "LoRA vs
           "batching": "Batching: useful tokens/s vs padding to max_seq_len",
           "ecosystem": "Ecosystem: ours vs transformers + PEFT",
           "qlora": "QLoRA: LoRA on an NF4 base vs fp32 LoRA and transformers + bitsandbytes + PEFT",
+          "variants": "LoRA variants: one training step, ours vs PEFT's implementation of each",
           "serve": "Serving: many adapters on one base (scripts/serve_openai_api.py)", "gpu": "GPU: pretraining MFU"}
 
 
@@ -931,7 +1059,7 @@ def write_markdown(path: Path, sections: dict, run) -> None:
 
 
 CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child, "compile_cost": compile_cost_child,
-            "qlora": qlora_child}
+            "qlora": qlora_child, "variants": variants_child}
 
 
 def main(argv=None) -> int:

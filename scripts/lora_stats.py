@@ -5,7 +5,8 @@
 
 The model is built on the meta device (shapes only, no memory), so the table shows its real layers.
 A d x k layer costs d*k parameters to fine-tune fully and r(d+k) with LoRA; past the break-even rank
-dk/(d+k) the adapter is no smaller than the matrix itself.
+dk/(d+k) the adapter is no smaller than the matrix itself. DoRA (--use_dora) adds a magnitude vector of d values
+per module, which trains with A and B.
 """
 import argparse
 import sys
@@ -36,20 +37,23 @@ def human_bytes(n: float) -> str:
         n /= 1024
 
 
-def lora_table(config: MiniMindConfig, rank: int, targets=None) -> dict:
-    """Per-kind rows (d, k, layers, d*k, r(d+k), ratio, break-even rank) and totals."""
+def lora_table(config: MiniMindConfig, rank: int, targets=None, use_dora: bool = False) -> dict:
+    """Per-kind rows (d, k, layers, d*k, r(d+k) (+ d with DoRA), ratio, break-even rank) and totals."""
     with torch.device("meta"):
         model = MiniMindForCausalLM(config)
     rows = {}
     for name, layer in find_targets(model, targets):
         kind = name.rsplit(".", 1)[-1]
         d, k = layer.out_features, layer.in_features
-        row = rows.setdefault(kind, dict(kind=kind, d=d, k=k, layers=0, full=d * k, lora=rank * (d + k),
+        row = rows.setdefault(kind, dict(kind=kind, d=d, k=k, layers=0, full=d * k,
+                                         lora=rank * (d + k) + (d if use_dora else 0), magnitude=d if use_dora else 0,
                                          break_even=d * k / (d + k)))
         row["layers"] += 1
     full = sum(r["full"] * r["layers"] for r in rows.values())
     lora = sum(r["lora"] * r["layers"] for r in rows.values())
-    return dict(rows=list(rows.values()), targeted_full=full, lora=lora, model=model.num_parameters(), meta=model)
+    magnitudes = sum(r["magnitude"] * r["layers"] for r in rows.values())
+    return dict(rows=list(rows.values()), targeted_full=full, lora=lora, model=model.num_parameters(),
+                magnitudes=magnitudes, modules=sum(r["layers"] for r in rows.values()), meta=model)
 
 
 def base_bytes(model, kind: str) -> str:
@@ -65,19 +69,23 @@ def base_bytes(model, kind: str) -> str:
             f"{human_bytes(stored + rest)} instead of {human_bytes(4 * numel + rest)}")
 
 
-def report(config: MiniMindConfig, rank: int, targets=None, title: str = "custom",
+def report(config: MiniMindConfig, rank: int, targets=None, title: str = "custom", use_dora: bool = False,
            quantize_base: str = "none") -> str:
-    t = lora_table(config, rank, targets)
+    t = lora_table(config, rank, targets, use_dora)
     # d*k and r(d+k) are per layer; the last row sums them over all targeted layers
     lines = [f"{title}: hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
              f"{config.num_attention_heads} heads ({config.num_key_value_heads} KV), intermediate "
              f"{config.intermediate_size}, vocab {config.vocab_size}: {t['model']:,} parameters",
-             f"LoRA r={rank} on {targets or 'the square layers (MiniMind default)'}", "",
-             f"{'module':<10}{'d':>7}{'k':>7}{'layers':>8}{'d*k':>16}{'r(d+k)':>13}{'ratio':>9}{'break-even r':>14}"]
+             f"{'DoRA' if use_dora else 'LoRA'} r={rank} on {targets or 'the square layers (MiniMind default)'}", "",
+             f"{'module':<10}{'d':>7}{'k':>7}{'layers':>8}{'d*k':>16}{'r(d+k)+d' if use_dora else 'r(d+k)':>13}"
+             f"{'ratio':>9}{'break-even r':>14}"]
     for r in t["rows"]:
         lines.append(f"{r['kind']:<10}{r['d']:>7}{r['k']:>7}{r['layers']:>8}{r['full']:>16,}{r['lora']:>13,}"
                      f"{r['lora'] / r['full']:>9.2%}{r['break_even']:>14.1f}")
     lines.append(f"{'all layers':<32}{t['targeted_full']:>16,}{t['lora']:>13,}{t['lora'] / t['targeted_full']:>9.2%}")
+    if use_dora:
+        lines.append(f"DoRA magnitude vectors: {t['modules']} (one per module, d values each): "
+                     f"{t['magnitudes']:,} of the {t['lora']:,} trained parameters")
     share = t["lora"] / (t["model"] + t["lora"])
     full_state, lora_state = (n * OPTIMIZER_BYTES_PER_PARAM for n in (t["model"], t["lora"]))
     lines += ["", f"trainable: {t['lora']:,} of {t['model'] + t['lora']:,} parameters ({share:.3%}) "
@@ -103,6 +111,7 @@ def main(argv=None):
         p.add_argument(f"--{dim}", type=int, default=None, help="overrides the preset")
     p.add_argument("--tie_word_embeddings", type=int, choices=(0, 1), default=None, help="overrides the preset")
     p.add_argument("--lora_rank", type=int, default=8, help="r")
+    p.add_argument("--use_dora", action="store_true", help="count DoRA's magnitude vectors (d per module) too")
     p.add_argument("--lora_targets", default=None,
                    help="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj or all-linear; default: square layers")
     p.add_argument("--quantize_base", choices=("none", *KINDS), default="none",
@@ -113,7 +122,7 @@ def main(argv=None):
     if "tie_word_embeddings" in dims:
         dims["tie_word_embeddings"] = bool(dims["tie_word_embeddings"])
     try:
-        print(report(MiniMindConfig(**dims), args.lora_rank, args.lora_targets, args.preset or "custom",
+        print(report(MiniMindConfig(**dims), args.lora_rank, args.lora_targets, args.preset or "custom", args.use_dora,
                      args.quantize_base))
     except ValueError as e:
         sys.exit(f"error: {e}")

@@ -183,7 +183,8 @@ def spoiled(tmp_path, peft_folder, **config_changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(use_dora=True), "use_dora=true is not supported (DoRA"),
+    (dict(use_dora=True), "the config says use_dora but the file holds no lora.magnitude vectors"),
+    (dict(use_qalora=True), "use_qalora=true is not supported (QALoRA)"),
     (dict(bias="lora_only"), 'bias="lora_only" is not supported; only bias "none"'),
     (dict(modules_to_save=["lm_head"]), 'modules_to_save=["lm_head"] is not supported'),
     (dict(fan_in_fan_out=True), "fan_in_fan_out=true is not supported"),
@@ -243,13 +244,13 @@ def test_broken_folders_are_refused(tmp_path, peft_folder):
 
 
 def test_cli_error_is_one_line_exit_2_and_writes_nothing(tmp_path, peft_folder):
-    folder = spoiled(tmp_path, peft_folder, use_dora=True)
+    folder = spoiled(tmp_path, peft_folder, use_qalora=True)
     out = tmp_path / "lora_d_64.pth"
     result = subprocess.run([sys.executable, str(SCRIPT), "--from_peft", str(folder), "--out", str(out)],
                             cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: {folder}: use_dora=true is not supported (DoRA adds a magnitude " \
-                                    f"vector); only plain LoRA adapters convert"
+    assert result.stderr.strip() == f"error: {folder}: use_qalora=true is not supported (QALoRA); only LoRA and " \
+                                    f"DoRA adapters convert"
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
 
 

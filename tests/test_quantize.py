@@ -100,6 +100,16 @@ def test_only_projections_are_quantised_and_no_gradient_reaches_them():
     assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in lora_parameters(model)}
 
 
+@pytest.mark.parametrize("variant, flag", [({"use_dora": True}, "--use_dora"),
+                                           ({"init_lora_weights": "pissa"}, "--init_lora_weights")])
+def test_dora_and_pissa_on_a_quantised_base_are_refused_in_one_line(variant, flag):
+    model = base_model()
+    quantize_base(model, "nf4")
+    with pytest.raises(LoRAError, match=f"on a quantised base is not supported .*; drop --quantize_base or {flag}$"):
+        apply_lora(model, rank=4, target_modules="all-linear", **variant)
+    apply_lora(model, rank=4, target_modules="all-linear")  # nothing was left half-built: plain LoRA still goes on
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("qbase")

@@ -298,6 +298,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
           load_trainable_state: Callable[[torch.nn.Module, dict], None], eval_dataset=None,
           plan: tuple = ("", "")) -> TrainState:
     """Train `trainable` parameters of `model` on `dataset`; `save(model)` writes the result and returns its path.
+    trainable: parameters, or optimizer param groups whose `lr_ratio` scales the schedule's lr (LoRA+).
     trainable_state/load_trainable_state carry what a resume checkpoint needs of the model. plan: (what the data
     is, what trains), printed with the step count before the first step."""
     if len(dataset) < args.batch_size * rt.world_size:
@@ -387,8 +388,8 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                     continue
                 lr = cosine_lr(state.step, total_steps, args.learning_rate, warmup)
                 for g in optimizer.param_groups:
-                    g["lr"] = lr
-                loss = _optimizer_step(net, optimizer, group, rt, args, trainable)
+                    g["lr"] = lr * g.get("lr_ratio", 1.0)
+                loss = _optimizer_step(net, optimizer, group, rt, args, parameters(trainable))
                 running_loss += loss
                 state.step += 1
                 state.batches_in_epoch += len(group)
@@ -435,6 +436,11 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
         if wandb_run is not None:
             wandb_run.finish()
     return state
+
+
+def parameters(trainable: list) -> list:
+    """The parameters of a list of parameters or of optimizer param groups."""
+    return [p for g in trainable for p in (g["params"] if isinstance(g, dict) else [g])]
 
 
 def _optimizer_step(net, optimizer, group, rt: Runtime, args, trainable) -> torch.Tensor:
@@ -676,7 +682,7 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
         data_plan += f", packed into {len(dataset)} rows of {args.max_seq_len} tokens"
     trainable, what_trains = prepare_model(model)
     collate = PadCollator(tokenizer.pad_token_id)
-    n_train = sum(p.numel() for p in trainable)
+    n_train = sum(p.numel() for p in parameters(trainable))
     model_plan = (f"{what_trains + ', ' if what_trains else ''}{n_train / 1e6:.3f}M of "
                   f"{model.num_parameters() / 1e6:.2f}M parameters train, device {rt.device}")
     t0 = time.time()
