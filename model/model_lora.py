@@ -628,9 +628,12 @@ def load_lora_state_dict(model, state: dict, adapter_name: str = "default", sour
             raise LoRAError(f"{source}: the file is {'DoRA' if magnitudes else 'plain LoRA'} but adapter "
                             f"{adapter_name!r} is {'DoRA' if hasattr(old, 'magnitude') else 'plain LoRA'}; load it "
                             f"under another adapter_name")
+    modules = dict(root.named_modules())
+    if magnitudes and any(not isinstance(modules[m].weight, torch.Tensor) for m in pairs):
+        raise LoRAError(f"{source}: DoRA on a quantised base is not supported (its row norms need W0 itself); load "
+                        f"it without --quantize_base")
     # No config: a MiniMind file, whose forward is W0x + B(Ax), i.e. scale 1, so alpha = r.
     config = config or {}
-    modules = dict(root.named_modules())
     for module, (a, b) in pairs.items():
         rank = a.shape[0]
         alpha, use_rslora = config.get("alpha", rank), bool(config.get("use_rslora", False))
@@ -750,6 +753,9 @@ class AdapterBank:
                             f"start the server with --max_lora_rank {ranks[-1]} or more")
         if config is not None and len(ranks) > 1:  # one scale per slot, so alpha / r must be one number
             raise LoRAError(f"{source}: modules have ranks {ranks}; an adapter with a config has one rank")
+        if magnitudes and any(not isinstance(m.weight, torch.Tensor) for m in self.layers.values()):
+            raise LoRAError(f"{source}: a DoRA adapter on a quantised base is not supported (its row norms need W0 "
+                            f"itself); serve it without --quantize_base")
         config = config or {}  # no config: a MiniMind file, scale 1 in every module whatever its rank
         scale = lora_scale(config.get("alpha", ranks[0]), ranks[0], bool(config.get("use_rslora", False)))
         return pairs, scale, magnitudes

@@ -94,7 +94,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = ABSMAX_BLOCK) -> t
 
 class QuantizedWeight(nn.Module):
     """One projection's frozen W0 in NF4 or int8. Quacks like the weight tensor where LoRA reads one (`shape`,
-    `dtype`, `device`, `new_zeros`); `dequantize()` gives the matrix back, `linear(x, bias)` computes x W0^T + b."""
+    `dtype`, `device`, `new_zeros`, `new_ones`); `dequantize()` gives the matrix back, `linear(x, bias)` computes x W0^T + b."""
 
     def __init__(self, weight: torch.Tensor, kind: str = "nf4", double_quant: bool = True,
                  blocksize: int = NF4_BLOCK):
@@ -125,6 +125,9 @@ class QuantizedWeight(nn.Module):
 
     def new_zeros(self, *size) -> torch.Tensor:
         return torch.zeros(*size, dtype=self.dtype, device=self.device)
+
+    def new_ones(self, *size) -> torch.Tensor:
+        return torch.ones(*size, dtype=self.dtype, device=self.device)
 
     def block_absmax(self) -> torch.Tensor:
         """The float32 absmax of each 64-weight block (8-bit codes times their block's scale, plus the mean)."""

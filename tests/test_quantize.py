@@ -222,6 +222,20 @@ def test_bank_rows_on_a_quantised_base_equal_each_adapter_loaded_the_usual_way(t
     assert not torch.allclose(want[0], want[1], atol=1e-2)
 
 
+def test_a_dora_file_on_a_quantised_base_is_refused_by_the_bank_and_by_load_lora(tmp_path):
+    model = varied_model(0)
+    apply_lora(model, rank=4, target_modules="all-linear", use_dora=True, adapter_name="d")
+    save_lora(model, tmp_path / "d.pth", "d")
+    served = varied_model(0)
+    quantize_base(served, "nf4")
+    bank = AdapterBank(served, slots=1, max_rank=8)
+    with pytest.raises(LoRAError, match=r"d\.pth: a DoRA adapter on a quantised base is not supported .*; serve it "
+                                        r"without --quantize_base$"):
+        bank.load(1, tmp_path / "d.pth")
+    with pytest.raises(LoRAError, match="DoRA on a quantised base is not supported"):
+        load_lora(served, tmp_path / "d.pth", "d")
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny base in out/ and an adapter train_lora.py trained on its NF4 form for 2 steps."""
