@@ -4,7 +4,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CPU_SECTIONS = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "serve")
+CPU_SECTIONS = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "serve", "fsdp")
 
 
 def test_bench_quick_writes_every_section(tmp_path):

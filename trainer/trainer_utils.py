@@ -318,13 +318,15 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     if len(dataset) < args.batch_size * rt.world_size:
         raise TrainError(f"{args.data_path}: {len(dataset)} samples, fewer than one global batch "
                          f"(--batch_size {args.batch_size} x {rt.world_size} processes); lower --batch_size")
-    model.to(rt.device)
     skeleton = None
-    if rt.fsdp:
+    if rt.fsdp:  # fully_shard moves each layer's shards to the device: the whole model never sits there at once
         skeleton = distributed.meta_copy(model) if rt.is_main else None  # rank 0 saves the full weights through it
         trainable = distributed.shard(model, rt.device, DTYPES[args.dtype], trainable)
+    else:
+        model.to(rt.device)
+    # foreach, not fused, over sharded parameters: the path FSDP2's own recipes use.
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0,
-                                  fused=rt.device.type == "cuda")
+                                  fused=rt.device.type == "cuda" and not rt.fsdp)
     # group_size 1 is a plain shuffle: each batch is a random chunk of the permutation.
     packed = isinstance(dataset, PackedDataset)  # rows all max_seq_len long: a plain shuffle, nothing to group
     sampler = LengthGroupedBatchSampler(dataset, args.batch_size, seed=args.seed,
