@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
@@ -125,6 +126,10 @@ def read_meta(folder: Path, hint: str) -> dict:
 def load_resume(folder: Path, model, optimizer) -> None:
     """Fill the sharded model and optimizer from a resume folder (each rank reads what it holds)."""
     state = _state(model, optimizer)
-    dcp.load(state, checkpoint_id=folder)
+    try:
+        dcp.load(state, checkpoint_id=folder)
+    except CheckpointException as e:  # a BaseException holding every rank's error and traceback: keep the first
+        exc = next(iter(e.failures.values()))[0]
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                    options=StateDictOptions(strict=False))  # frozen weights are absent; dcp.load checked the rest
