@@ -2,7 +2,8 @@
 
 Notable choices:
 - The loss of an optimizer step is the mean over every target token of the global batch (all
-  micro-batches, all ranks), so DDP and gradient accumulation give the same update as one big batch.
+  micro-batches, all ranks), so DDP, FSDP2 (--fsdp 1: trainer/distributed.py) and gradient accumulation give the
+  same update as one big batch.
 - Data order is a seeded list of batches per epoch, split across ranks; resume skips the batches already
   seen, and restores optimizer, scaler, schedule and RNG, so a resumed run ends on the same weights.
 - The host syncs with the device only every --log_interval steps (loss, NaN check) and at saves.
@@ -575,8 +576,8 @@ def _check_resume_fits(ckpt, path: Path, rt: Runtime, args, keys=RESUME_KEYS) ->
         raise TrainError(f"{path}: not a resume checkpoint (no {missing[0]!r} entry); {START_OVER}")
     if rt.fsdp and ckpt["world_size"] != rt.world_size:  # the saved data position counts batches per rank
         raise TrainError(f"{path}: saved by {ckpt['world_size']} processes, this run has {rt.world_size}; resume "
-                         f"with torchrun --nproc_per_node {ckpt['world_size']} (over all nodes: "
-                         f"{ckpt['world_size']} processes)")
+                         f"with {ckpt['world_size']} processes in all (torchrun --nnodes x --nproc_per_node), or "
+                         f"{START_OVER}")
     same = (ckpt["world_size"], ckpt["batch_size"], ckpt["accumulation_steps"]) == (
         rt.world_size, args.batch_size, args.accumulation_steps)
     if not same:
