@@ -23,14 +23,14 @@ KILL_BEFORE_PUBLISH = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 from model.checkpoint import safe_torch_load
-from trainer import distributed, trainer_utils, train_pretrain
+from trainer import distributed, trainer_utils, train_lora
 publish = distributed.publish
 def die_before_publish(folder, tmp, old):
     if safe_torch_load(tmp / distributed.META_FILE)["step"] == {kill_step}:
         os.kill(os.getpid(), signal.SIGKILL)  # every shard of the new state written, not yet renamed into place
     publish(folder, tmp, old)
 distributed.publish = die_before_publish
-sys.exit(trainer_utils.run_main(train_pretrain.main, sys.argv[1:]))
+sys.exit(trainer_utils.run_main(train_lora.main, sys.argv[1:]))
 """
 
 
@@ -88,7 +88,7 @@ def _runs(tmp):
     assert run_main(train_lora.main, lora_args + ["--save_dir", str(tmp / "one"), "--accumulation_steps", "2"]) == 0
     two_lora = launch(TWO + ["trainer/train_lora.py", "--save_dir", str(tmp / "two"), "--fsdp", "1"] + lora_args)
     assert two_lora.returncode == 0, two_lora.stderr[-3000:]
-    yield {"tmp": tmp, "pre_args": pre_args, "log": two.stdout + two_lora.stdout}
+    yield {"tmp": tmp, "lora_args": lora_args, "log": two.stdout + two_lora.stdout}
 
 
 @pytest.mark.slow
@@ -127,26 +127,33 @@ def test_fsdp_lora_matches_one_process_and_trains_only_the_adapter(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_resume_after_kill_during_save_matches_uninterrupted_run(runs):
-    tmp, pre_args = runs["tmp"], runs["pre_args"]
+def test_fsdp_lora_resume_after_kill_during_save_matches_uninterrupted_run(runs):
+    """With dropout, which draws from the global RNG: only a resume that restores it (and the data position, the
+    adapter and its AdamW moments) ends on the same adapter."""
+    tmp = runs["tmp"]
+    common = runs["lora_args"][:-2] + ["--lora_targets", "q_proj,v_proj", "--lora_dropout", "0.1", "--fsdp", "1",
+                                       "--save_dir", str(tmp / "b"), "--save_interval", "2"]
+    straight = launch(TWO + ["trainer/train_lora.py", "--lora_name", "straight"] + common)
+    assert straight.returncode == 0, straight.stderr[-3000:]
     script = tmp / "crash.py"
-    script.write_text(KILL_BEFORE_PUBLISH.format(root=str(ROOT), kill_step=6))
-    crashed = launch(TWO + [str(script), "--save_dir", str(tmp / "b"), "--fsdp", "1"] + pre_args)
+    script.write_text(KILL_BEFORE_PUBLISH.format(root=str(ROOT), kill_step=4))
+    crashed = launch(TWO + [str(script), "--lora_name", "resumed"] + common)
     assert crashed.returncode != 0
-    folder = tmp / "b" / "checkpoints" / "pretrain_64_resume_fsdp"
-    assert distributed.read_meta(folder, "")["step"] == 3  # the step-6 state never replaced it
-    assert distributed.read_meta(folder.with_name(folder.name + ".tmp"), "")["step"] == 6
-    resumed = launch(TWO + ["trainer/train_pretrain.py", "--save_dir", str(tmp / "b"), "--fsdp", "1",
-                            "--from_resume", "1"] + pre_args)
+    folder = tmp / "b" / "checkpoints" / "resumed_64_resume_fsdp"
+    assert distributed.read_meta(folder, "")["step"] == 2  # the step-4 state never replaced it
+    assert distributed.read_meta(folder.with_name(folder.name + ".tmp"), "")["step"] == 4
+    resumed = launch(TWO + ["trainer/train_lora.py", "--lora_name", "resumed", "--from_resume", "1"] + common)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {folder} at step 3" in resumed.stdout
-    a, b = safe_torch_load(tmp / "two" / "pretrain_64.pth"), safe_torch_load(tmp / "b" / "pretrain_64.pth")
+    assert f"resumed from {folder} at step 2" in resumed.stdout
+    a, b = (safe_torch_load(tmp / "b" / "lora" / f"{n}_64.pth") for n in ("straight", "resumed"))
+    configs = [{**json.loads(x.pop("__lora_config__")), "adapter_name": None} for x in (a, b)]
+    assert configs[0] == configs[1]
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    ma = distributed.read_meta(tmp / "two" / "checkpoints" / "pretrain_64_resume_fsdp", "")
+    ma = distributed.read_meta(tmp / "b" / "checkpoints" / "straight_64_resume_fsdp", "")
     mb = distributed.read_meta(folder, "")
     assert (losses(mb["history"]), mb["tokens_seen"]) == (losses(ma["history"]), ma["tokens_seen"])
-    assert not folder.with_name(folder.name + ".tmp").exists()
+    assert len(losses(ma["history"])) == 4 and not folder.with_name(folder.name + ".tmp").exists()
 
     # Another world size is refused in one line naming both sizes.
     rt = Runtime(rank=0, local_rank=0, world_size=4, device=torch.device("cpu"), autocast=None, scaler=None, fsdp=True)

@@ -9,7 +9,8 @@ Notable choices:
 - Rank 0 writes the usual files from a meta-device copy of the model filled with the gathered full state, so the
   trainers' save functions run unchanged.
 - The resume state is a torch.distributed.checkpoint folder (each rank writes its own shards) plus a small meta
-  file; it is written beside the old one and renamed into place, so a kill during a save leaves the previous one.
+  file with every rank's RNG; it is written beside the old one and renamed into place, so a kill during a save
+  leaves the previous one.
 """
 import copy
 import itertools
@@ -93,6 +94,10 @@ def save_resume(folder: Path, model, optimizer, meta: dict) -> None:
     if dist.get_rank() == 0 and tmp.exists():
         shutil.rmtree(tmp)  # what a killed save left
     dist.barrier()
+    # Each rank's own RNG: dropout masks follow each rank's batch shapes, so the ranks' generators differ.
+    rngs = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, meta["rng"])
+    meta = {**meta, "rng_per_rank": rngs}
     dcp.save(_state(model, optimizer), checkpoint_id=tmp)
     if dist.get_rank() == 0:
         atomic_torch_save(meta, tmp / META_FILE)

@@ -390,6 +390,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
         if rt.fsdp:  # every rank: gather for the weights file, write its own shards of the resume state
             path = distributed.save_full(model, skeleton, save)
             distributed.save_resume(resume_folder, model, optimizer, meta)
+            restore_rng(meta["rng"])  # saving must not move the RNG that a resumed run restores
             return path
         path = save(model)
         atomic_torch_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), **meta},
@@ -631,7 +632,7 @@ def _load_resume_fsdp(folder: Path, single_file: Path, rt: Runtime, model, optim
     _check_resume_fits(ckpt, found, rt, args, keys=tuple(k for k in RESUME_KEYS if k not in ("model", "optimizer")))
     try:
         distributed.load_resume(found, model, optimizer)
-        restore_rng(ckpt["rng"])
+        restore_rng(ckpt["rng_per_rank"][rt.rank])
     except (RuntimeError, ValueError, KeyError) as e:  # DCP names the first key or shape that does not fit
         reason = " ".join(str(e).split())[:300]
         raise TrainError(f"{found}: does not fit this run ({reason}); resume with the flags of the run that saved "
