@@ -757,9 +757,10 @@ def fsdp_child(spec: dict) -> dict:
                         spec["repeats"], warmup=1)
     for mode in setups:
         out[mode]["times"] = times[mode]
+    rank = dist.get_rank()
     dist.barrier()
     dist.destroy_process_group()
-    return out
+    return out if rank == 0 else None
 
 
 def bench_fsdp(args):
@@ -773,7 +774,7 @@ def bench_fsdp(args):
                           env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
     if done.returncode != 0:
         raise RuntimeError(f"fsdp child failed: {done.stderr.strip().splitlines()[-1:]}")
-    res = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's line; every rank holds the same sizes
+    res = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's; every rank holds the same sizes
     rows = []
     for mode in ("DDP", "FSDP2"):
         r = res[mode]
@@ -879,7 +880,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
         spec = json.loads(argv[1])
-        print(json.dumps(CHILDREN[spec["child"]](spec)))
+        result = CHILDREN[spec["child"]](spec)
+        if result is not None:  # one line per run: of a torchrun launch's ranks, rank 0 reports
+            print(json.dumps(result))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
