@@ -1,6 +1,6 @@
 """Benchmarks: LoRA's claims and the pipeline's speed, measured side by side with the ecosystem.
 
-    python scripts/bench.py [order lora_vs_full inference batching ecosystem variants qlora serve gpu] [--quick]
+    python scripts/bench.py [order lora_vs_full inference batching ecosystem variants qlora serve fsdp gpu] [--quick]
                             [--device cpu|cuda] [--repeats N] [--threads N] [--write [docs/BENCHMARKS.md]]
 
 No names runs them all (gpu only with --device cuda). Each sub-benchmark is one function returning
@@ -38,7 +38,7 @@ from dataset.lm_dataset import (DEMO_DIR, LengthGroupedBatchSampler, PadCollator
 from model.model_lora import apply_lora, lora_layers, merge_lora, set_adapter, unmerge_lora  # noqa: E402
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
 
-ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "variants", "qlora", "serve", "gpu")
+ALL = ("order", "lora_vs_full", "inference", "batching", "ecosystem", "variants", "qlora", "serve", "fsdp", "gpu")
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 DEMO = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4)
 MINIMIND3 = dict(hidden_size=768, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4)
@@ -982,6 +982,79 @@ def bench_gpu(args):
     return rows, notes
 
 
+def local_bytes(tensors) -> int:
+    """Bytes this rank holds of the tensors: a sharded DTensor counts its local shard only."""
+    from torch.distributed.tensor import DTensor
+    return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if torch.is_tensor(t))
+
+
+def fsdp_child(spec: dict) -> dict:
+    """One rank of a torchrun launch: the same model under DDP and under FSDP2 (trainer/distributed.py's
+    sharding), stepped interleaved; bytes of parameters, gradients and AdamW state this rank holds."""
+    import torch.distributed as dist
+    from trainer import distributed
+    torch.set_num_threads(spec["threads"])
+    dist.init_process_group("gloo")
+    x = torch.randint(0, 6400, (spec["batch"], spec["seq"]), generator=torch.Generator().manual_seed(dist.get_rank()))
+    setups, out = {}, {}
+    for mode in ("DDP", "FSDP2"):
+        model = build_model(spec["dims"]).train()
+        if mode == "DDP":
+            net, params = torch.nn.parallel.DistributedDataParallel(model), list(model.parameters())
+        else:
+            net, params = model, distributed.shard(model, torch.device("cpu"), torch.float32, list(model.parameters()))
+        setups[mode] = (net, params, adamw(params, "cpu"))
+    for mode, (net, params, optimizer) in setups.items():
+        net(input_ids=x, labels=x).loss.backward()
+        grads = local_bytes([p.grad for p in params])
+        optimizer.step()  # creates AdamW's moments
+        optimizer.zero_grad(set_to_none=True)
+        out[mode] = {"params": local_bytes(params), "grads": grads,
+                     "optimizer": local_bytes([t for st in optimizer.state.values() for t in st.values()])}
+    times = interleaved({m: (lambda s=s: train_step(s[0], s[2], x, x)) for m, s in setups.items()},
+                        spec["repeats"], warmup=1)
+    for mode in setups:
+        out[mode]["times"] = times[mode]
+    rank = dist.get_rank()
+    dist.barrier()
+    dist.destroy_process_group()
+    return out if rank == 0 else None
+
+
+def bench_fsdp(args):
+    if args.device != "cpu":
+        return [], ["skipped: needs --device cpu (2 gloo processes); on GPUs see the command in its notes"]
+    dims, batch, seq = (TINY, 2, 32) if args.quick else (MINIMIND3, 2, 128)
+    spec = {"child": "fsdp", "dims": dims, "batch": batch, "seq": seq, "repeats": args.repeats,
+            "threads": max(1, args.threads // 2)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           __file__, "--_child", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+    if done.returncode != 0:
+        raise RuntimeError(f"fsdp child failed: {done.stderr.strip().splitlines()[-1:]}")
+    res = json.loads(done.stdout.strip().splitlines()[-1])  # rank 0's; every rank holds the same sizes
+    rows = []
+    for mode in ("DDP", "FSDP2"):
+        r = res[mode]
+        total = r["params"] + r["grads"] + r["optimizer"]
+        rows.append({"mode": mode, "scale": scale_name(dims), "batch x seq per rank": f"{batch}x{seq}",
+                     "params MB/rank": r["params"] / 2**20, "grads MB/rank": r["grads"] / 2**20,
+                     "AdamW MB/rank": r["optimizer"] / 2**20, "total MB/rank": total / 2**20,
+                     "step s": med(r["times"])})
+    ratio = rows[1]["total MB/rank"] / rows[0]["total MB/rank"]
+    lo, mid, hi = spread(res["FSDP2"]["times"], res["DDP"]["times"])
+    return rows, [f"ratio FSDP2/DDP bytes per rank (parameters + gradients + AdamW state): {ratio:.3f} "
+                  f"(target <= 0.55: {verdict(ratio <= 0.55)})",
+                  f"ratio FSDP2/DDP step time: {mid:.2f} (min {lo:.2f}, max {hi:.2f}; gloo on CPU: all-gathers and "
+                  f"reduce-scatters per layer cost more than DDP's one bucketed all-reduce)",
+                  "Bytes are counted tensor by tensor (a DTensor's local shard), float32; DDP also keeps a bucket "
+                  "copy of the gradients for its all-reduce, not counted here. Activations are not counted.",
+                  "On GPUs (not yet run there): `torchrun --nproc_per_node 8 trainer/train_pretrain.py --hidden_size "
+                  "768 --num_hidden_layers 8 --fsdp 1` against the same command without `--fsdp 1` (DDP); compare "
+                  "`torch.cuda.max_memory_allocated()` per rank and tokens/s. bf16 parameters, fp32 gradient "
+                  "reduction (`--dtype bfloat16`, the default)."]
+
+
 # ---- output ------------------------------------------------------------------------------------------------
 
 def fmt(v) -> str:
@@ -1015,7 +1088,8 @@ TITLES = {"order": "LoRA matmul order: B(Ax) vs (BA)x", "lora_vs_full": "LoRA vs
           "ecosystem": "Ecosystem: ours vs transformers + PEFT",
           "qlora": "QLoRA: LoRA on an NF4 base vs fp32 LoRA and transformers + bitsandbytes + PEFT",
           "variants": "LoRA variants: one training step, ours vs PEFT's implementation of each",
-          "serve": "Serving: many adapters on one base (scripts/serve_openai_api.py)", "gpu": "GPU: pretraining MFU"}
+          "serve": "Serving: many adapters on one base (scripts/serve_openai_api.py)",
+          "fsdp": "FSDP2 vs DDP: per-rank training state and step time, 2 processes", "gpu": "GPU: pretraining MFU"}
 
 
 def machine() -> dict:
@@ -1059,14 +1133,16 @@ def write_markdown(path: Path, sections: dict, run) -> None:
 
 
 CHILDREN = {"train_step": train_step_child, "ecosystem": ecosystem_child, "compile_cost": compile_cost_child,
-            "qlora": qlora_child, "variants": variants_child}
+            "qlora": qlora_child, "variants": variants_child, "fsdp": fsdp_child}
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--_child"]:
         spec = json.loads(argv[1])
-        print(json.dumps(CHILDREN[spec["child"]](spec)))
+        result = CHILDREN[spec["child"]](spec)
+        if result is not None:  # one line per run: of a torchrun launch's ranks, rank 0 reports
+            print(json.dumps(result))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -23,6 +23,18 @@ def test_bench_quick_writes_every_section(tmp_path):
         assert "- ratio " in s, s
 
 
+def test_bench_fsdp_quick_writes_its_section(tmp_path):
+    """Its own run: two torchrun processes, kept out of the time budget of the one above."""
+    out = tmp_path / "BENCHMARKS.md"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "fsdp", "--quick", "--write", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sections = out.read_text(encoding="utf-8").split("\n## ")[1:]
+    assert [s.split()[:2] for s in sections] == [["fsdp", "(cpu):"]]
+    assert "| DDP " in sections[0] and "| FSDP2 " in sections[0]
+    assert "- ratio FSDP2/DDP bytes per rank" in sections[0] and "(target <= 0.55: met)" in sections[0], sections[0]
+
+
 def test_write_keeps_sections_of_other_runs(tmp_path):
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench

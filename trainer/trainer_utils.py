@@ -2,7 +2,8 @@
 
 Notable choices:
 - The loss of an optimizer step is the mean over every target token of the global batch (all
-  micro-batches, all ranks), so DDP and gradient accumulation give the same update as one big batch.
+  micro-batches, all ranks), so DDP, FSDP2 (--fsdp 1: trainer/distributed.py) and gradient accumulation give the
+  same update as one big batch.
 - Data order is a seeded list of batches per epoch, split across ranks; resume skips the batches already
   seen, and restores optimizer, scaler, schedule and RNG, so a resumed run ends on the same weights.
 - The host syncs with the device only every --log_interval steps (loss, NaN check) and at saves.
@@ -33,6 +34,7 @@ if str(REPO_ROOT) not in sys.path:  # scripts run as `python trainer/train_x.py`
 from model.checkpoint import (CheckpointError, atomic_torch_save, load_model, load_state_dict_strict,  # noqa: E402
                               safe_torch_load, save_model, unwrap)
 from model.model_minimind import MiniMindConfig, MiniMindForCausalLM  # noqa: E402
+from trainer import distributed  # noqa: E402
 from dataset.lm_dataset import (DataError, LengthGroupedBatchSampler, PackedDataset, PadCollator,  # noqa: E402
                                 ReplayMix, SFTDataset, is_chat_file)
 
@@ -143,6 +145,9 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--use_wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     a("--wandb_project", default="MiniMind", help="the wandb project")
     a("--use_compile", type=int, default=0, choices=[0, 1], help="1: torch.compile the model")
+    a("--fsdp", type=int, default=0, choices=[0, 1],
+      help="1: under torchrun, shard weights, gradients and optimizer state over the processes (FSDP2) "
+           "instead of replicating them (DDP)")
     a("--max_steps", type=nonnegative_int, default=0, help="stop after this many optimizer steps (0: run all epochs)")
     a("--seed", type=int, default=42, help="seeds initialisation, data order and dropout")
     a("--skip_bad_lines", action="store_true", help="skip and count malformed data lines instead of stopping")
@@ -160,6 +165,7 @@ class Runtime:
     device: torch.device
     autocast: contextlib.AbstractContextManager
     scaler: Optional[torch.amp.GradScaler]
+    fsdp: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -167,8 +173,15 @@ class Runtime:
 
 
 def setup_runtime(args) -> Runtime:
-    """Single process, or torchrun DDP (NCCL on CUDA, gloo on CPU); seeds every RNG."""
+    """Single process, or torchrun DDP/FSDP2 (NCCL on CUDA, gloo on CPU); seeds every RNG."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    fsdp = bool(getattr(args, "fsdp", 0))
+    if fsdp and "MASTER_ADDR" not in os.environ:
+        raise TrainError("--fsdp 1 shards over the processes of a torchrun launch; run it as `torchrun "
+                         "--nproc_per_node N trainer/...py ... --fsdp 1`, or drop --fsdp")
+    if fsdp and args.dtype == "float16" and args.device.startswith("cuda"):
+        raise TrainError("--fsdp 1 --dtype float16: loss scaling is not wired for sharded gradients; "
+                         "use --dtype bfloat16")
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -177,17 +190,20 @@ def setup_runtime(args) -> Runtime:
         if world_size > 1:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or fsdp) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     set_seed(args.seed)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     use_amp = device.type == "cuda" and dtype != torch.float32
     autocast = torch.autocast("cuda", dtype=dtype) if use_amp else contextlib.nullcontext()
     scaler = torch.amp.GradScaler("cuda") if use_amp and dtype == torch.float16 else None
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(rank, local_rank, world_size, device, autocast, scaler)
+    return Runtime(rank, local_rank, world_size, device, autocast, scaler, fsdp)
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def set_seed(seed: int) -> None:
@@ -304,9 +320,15 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     if len(dataset) < args.batch_size * rt.world_size:
         raise TrainError(f"{args.data_path}: {len(dataset)} samples, fewer than one global batch "
                          f"(--batch_size {args.batch_size} x {rt.world_size} processes); lower --batch_size")
-    model.to(rt.device)
+    skeleton = None
+    if rt.fsdp:  # fully_shard moves each layer's shards to the device: the whole model never sits there at once
+        skeleton = distributed.meta_copy(model) if rt.is_main else None  # rank 0 saves the full weights through it
+        trainable = distributed.shard(model, rt.device, DTYPES[args.dtype], trainable)
+    else:
+        model.to(rt.device)
+    # foreach, not fused, over sharded parameters: the path FSDP2's own recipes use.
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0,
-                                  fused=rt.device.type == "cuda")
+                                  fused=rt.device.type == "cuda" and not rt.fsdp)
     # group_size 1 is a plain shuffle: each batch is a random chunk of the permutation.
     packed = isinstance(dataset, PackedDataset)  # rows all max_seq_len long: a plain shuffle, nothing to group
     sampler = LengthGroupedBatchSampler(dataset, args.batch_size, seed=args.seed,
@@ -336,13 +358,16 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
 
     state = TrainState()
     resume_path = Path(args.save_dir) / "checkpoints" / f"{args.save_weight}_{args.hidden_size}_resume.pth"
-    if args.from_resume:
+    resume_folder = resume_path.with_name(resume_path.stem + "_fsdp")  # sharded: one folder, not one file
+    if args.from_resume and rt.fsdp:
+        state = _load_resume_fsdp(resume_folder, resume_path, rt, model, optimizer, args)
+    elif args.from_resume:
         state = _load_resume(resume_path, rt, model, optimizer, load_trainable_state, args)
 
     net = model
     if args.use_compile:
         net = torch.compile(net)
-    if rt.world_size > 1:
+    if rt.world_size > 1 and not rt.fsdp:  # fully_shard wrapped the model in place
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
@@ -356,15 +381,21 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     run_start, run_start_step = time.time(), state.step
 
     def save_all():
+        meta = {"scaler": rt.scaler.state_dict() if rt.scaler else None,
+                "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
+                "tokens_seen": state.tokens_seen, "history": state.history,
+                "world_size": rt.world_size, "batch_size": args.batch_size,
+                "accumulation_steps": args.accumulation_steps, "rng": rng_state(),
+                "pack": args.pack, "max_seq_len": args.max_seq_len, "replay": replay_key(args),
+                "wandb_id": getattr(wandb_run, "id", None)}
+        if rt.fsdp:  # every rank: gather for the weights file, write its own shards of the resume state
+            path = distributed.save_full(model, skeleton, save)
+            distributed.save_resume(resume_folder, model, optimizer, meta)
+            restore_rng(meta["rng"])  # saving must not move the RNG that a resumed run restores
+            return path
         path = save(model)
-        atomic_torch_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(),
-                           "scaler": rt.scaler.state_dict() if rt.scaler else None,
-                           "step": state.step, "epoch": state.epoch, "batches_in_epoch": state.batches_in_epoch,
-                           "tokens_seen": state.tokens_seen, "history": state.history,
-                           "world_size": rt.world_size, "batch_size": args.batch_size,
-                           "accumulation_steps": args.accumulation_steps, "rng": rng_state(),
-                           "pack": args.pack, "max_seq_len": args.max_seq_len, "replay": replay_key(args),
-                           "wandb_id": getattr(wandb_run, "id", None)}, resume_path)
+        atomic_torch_save({"model": trainable_state(model), "optimizer": optimizer.state_dict(), **meta},
+                          resume_path)
         return path
 
     running_loss = torch.zeros((), device=rt.device)  # summed on the device; read only at log points
@@ -418,7 +449,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                 if state.step % args.save_interval == 0 or is_last:
                     if state.step != last_log_step:  # never save weights whose loss was not checked
                         _checked_loss(running_loss, rt, state, last_good_save)
-                    if rt.is_main:
+                    if rt.is_main or rt.fsdp:
                         last_good_save = save_all()
                     _barrier(rt)
                 if is_last:
@@ -450,17 +481,18 @@ def _optimizer_step(net, optimizer, group, rt: Runtime, args, trainable) -> torc
         dist.all_reduce(n_targets)  # async on the device: no host sync
     n_targets = n_targets.clamp(min=1)  # a step whose samples all lost their answers to truncation adds 0, not 0/0
     step_loss = torch.zeros((), device=rt.device)
+    # DDP averages gradients over ranks, hence a world_size factor; FSDP here sums them (see trainer/distributed.py).
+    factor = rt.world_size if not rt.fsdp else 1
     for i, batch in enumerate(group):
         input_ids = batch["input_ids"].to(rt.device, non_blocking=True)
         labels = batch["labels"].to(rt.device, non_blocking=True)
         n_micro = (labels[:, 1:] != -100).sum()
-        sync = i == len(group) - 1 or rt.world_size == 1
+        sync = i == len(group) - 1 or rt.world_size == 1 or rt.fsdp
         with (contextlib.nullcontext() if sync else net.no_sync()), rt.autocast:
             # loss = token mean of this micro-batch; re-weight it to a share of the global token mean.
-            # DDP averages gradients over ranks, hence the world_size factor.
-            loss = net(input_ids, labels=labels).loss * n_micro / n_targets * rt.world_size
+            loss = net(input_ids, labels=labels).loss * n_micro / n_targets * factor
         (rt.scaler.scale(loss) if rt.scaler else loss).backward()
-        step_loss += loss.detach() / rt.world_size
+        step_loss += loss.detach() / factor
     if rt.scaler:
         rt.scaler.unscale_(optimizer)
     if args.grad_clip > 0:
@@ -518,9 +550,11 @@ def evaluate_loss(model, dataset, collate, batch_size: int, device, max_batches:
 
 
 def _log_eval(model, eval_dataset, collate, args, rt, state, bar, wandb_run):
-    if not rt.is_main:
+    if not rt.is_main and not rt.fsdp:  # a sharded model's forward needs every rank
         return
     loss = evaluate_loss(model, eval_dataset, collate, args.batch_size, rt.device, args.eval_batches, rt.autocast)
+    if not rt.is_main:
+        return
     msg = f"step {state.step}: eval loss {loss:.4f}, ppl {math.exp(min(loss, 50)):.2f}"
     (bar.write if bar is not None else print)(msg)
     state.history.append({"step": state.step, "eval_loss": loss})
@@ -532,15 +566,25 @@ RESUME_KEYS = ("model", "optimizer", "scaler", "step", "epoch", "batches_in_epoc
                "world_size", "batch_size", "accumulation_steps", "rng")
 
 
-def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state, args) -> TrainState:
-    if not path.is_file():
-        raise TrainError(f"--from_resume 1: no resume checkpoint at {path}; start without --from_resume "
-                         f"(or with the same --save_dir/--save_weight/--hidden_size as the run to continue)")
-    start_over = "delete it and start again without --from_resume"
-    ckpt = safe_torch_load(path, hint=start_over)
-    missing = [k for k in RESUME_KEYS if k not in ckpt] if isinstance(ckpt, dict) else ["model"]
+START_OVER = "delete it and start again without --from_resume"
+
+
+def _no_resume(path: Path, other: Path, other_flag: str):
+    if other.exists():
+        return TrainError(f"--from_resume 1: no resume checkpoint at {path}, but {other} was saved {other_flag}; "
+                          f"resume {other_flag} too")
+    return TrainError(f"--from_resume 1: no resume checkpoint at {path}; start without --from_resume "
+                      f"(or with the same --save_dir/--save_weight/--hidden_size as the run to continue)")
+
+
+def _check_resume_fits(ckpt, path: Path, rt: Runtime, args, keys=RESUME_KEYS) -> None:
+    missing = [k for k in keys if k not in ckpt] if isinstance(ckpt, dict) else ["model"]
     if missing:
-        raise TrainError(f"{path}: not a resume checkpoint (no {missing[0]!r} entry); {start_over}")
+        raise TrainError(f"{path}: not a resume checkpoint (no {missing[0]!r} entry); {START_OVER}")
+    if rt.fsdp and ckpt["world_size"] != rt.world_size:  # the saved data position counts batches per rank
+        raise TrainError(f"{path}: saved by {ckpt['world_size']} processes, this run has {rt.world_size}; resume "
+                         f"with {ckpt['world_size']} processes in all (torchrun --nnodes x --nproc_per_node), or "
+                         f"{START_OVER}")
     same = (ckpt["world_size"], ckpt["batch_size"], ckpt["accumulation_steps"]) == (
         rt.world_size, args.batch_size, args.accumulation_steps)
     if not same:
@@ -554,6 +598,22 @@ def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state
     if list(saved_replay) != list(replay_key(args)):  # and batches of that mix
         raise TrainError(f"{path}: saved with --replay_data {saved_replay[0]} --replay_ratio {saved_replay[1]:g}; "
                          f"resume with the same values")
+
+
+def _resumed(ckpt, path: Path, rt: Runtime, args) -> TrainState:
+    args.wandb_id = ckpt.get("wandb_id")
+    if rt.is_main:
+        print(f"resumed from {path} at step {ckpt['step']}")
+    return TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batches_in_epoch=ckpt["batches_in_epoch"],
+                      tokens_seen=ckpt["tokens_seen"], history=list(ckpt["history"]))
+
+
+def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state, args) -> TrainState:
+    if not path.is_file():
+        raise _no_resume(path, path.with_name(path.stem + "_fsdp"), "with --fsdp 1")
+    start_over = START_OVER
+    ckpt = safe_torch_load(path, hint=start_over)
+    _check_resume_fits(ckpt, path, rt, args)
     try:
         load_trainable_state(model, ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -565,11 +625,25 @@ def _load_resume(path: Path, rt: Runtime, model, optimizer, load_trainable_state
         raise TrainError(f"{path}: does not fit this run ({reason}); resume with the flags of the run that saved "
                          f"it, or {start_over}") from None
     model.to(rt.device)
-    args.wandb_id = ckpt.get("wandb_id")
-    if rt.is_main:
-        print(f"resumed from {path} at step {ckpt['step']}")
-    return TrainState(step=ckpt["step"], epoch=ckpt["epoch"], batches_in_epoch=ckpt["batches_in_epoch"],
-                      tokens_seen=ckpt["tokens_seen"], history=list(ckpt["history"]))
+    return _resumed(ckpt, path, rt, args)
+
+
+def _load_resume_fsdp(folder: Path, single_file: Path, rt: Runtime, model, optimizer, args) -> TrainState:
+    """--from_resume under --fsdp: the sharded folder's meta is checked like the .pth, then every rank loads its
+    shards of model and optimizer state."""
+    found = distributed.find_resume(folder)
+    if found is None:
+        raise _no_resume(folder, single_file, "without --fsdp")
+    ckpt = distributed.read_meta(found, START_OVER)
+    _check_resume_fits(ckpt, found, rt, args, keys=tuple(k for k in RESUME_KEYS if k not in ("model", "optimizer")))
+    try:
+        distributed.load_resume(found, model, optimizer)
+        restore_rng(ckpt["rng_per_rank"][rt.rank])
+    except (RuntimeError, ValueError, KeyError) as e:  # DCP names the first key or shape that does not fit
+        reason = " ".join(str(e).split())[:300]
+        raise TrainError(f"{found}: does not fit this run ({reason}); resume with the flags of the run that saved "
+                         f"it, or {START_OVER}") from None
+    return _resumed(ckpt, found, rt, args)
 
 
 def _start_wandb(args, rt, state):
