@@ -84,7 +84,8 @@ def _runs(tmp):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     base = str(tmp / "one" / "pretrain_64.pth")
     lora_args = TINY + ["--data_path", str(lora), "--from_weight", base, "--max_steps", "4", "--replay_data", "none",
-                        "--lora_rank", "4", "--lora_targets", "q_proj,v_proj,down_proj"]
+                        "--lora_rank", "4", "--loraplus_lr_ratio", "4",  # LoRA+'s groups shard too
+                        "--lora_targets", "q_proj,v_proj,down_proj"]
     assert run_main(train_lora.main, lora_args + ["--save_dir", str(tmp / "one"), "--accumulation_steps", "2"]) == 0
     two_lora = launch(TWO + ["trainer/train_lora.py", "--save_dir", str(tmp / "two"), "--fsdp", "1"] + lora_args)
     assert two_lora.returncode == 0, two_lora.stderr[-3000:]

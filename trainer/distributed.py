@@ -46,7 +46,9 @@ def shard(model: nn.Module, device: torch.device, dtype: torch.dtype, trainable:
     """fully_shard each decoder layer, then the root, in place; returns the sharded counterparts of `trainable`
     (fully_shard replaces every parameter with a DTensor, so the optimizer must get the new ones)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    trainable_names = [names[id(p)] for p in trainable]
+    # a list of parameters, or optimizer groups of them (LoRA+): keep the shape, swap each parameter by name
+    groups = [dict(g, params=[names[id(p)] for p in g["params"]]) if isinstance(g, dict) else names[id(g)]
+              for g in trainable]
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     # bf16 compute and all-gathers, fp32 gradient reduction; the CPU trains in float32 as without --fsdp.
     mixed = device.type == "cuda" and dtype != torch.float32
@@ -59,7 +61,7 @@ def shard(model: nn.Module, device: torch.device, dtype: torch.dtype, trainable:
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     params = dict(model.named_parameters())
-    return [params[n] for n in trainable_names]
+    return [dict(g, params=[params[n] for n in g["params"]]) if isinstance(g, dict) else params[g] for g in groups]
 
 
 def save_full(model: nn.Module, skeleton: Optional[nn.Module], save: Callable[[nn.Module], Path]) -> Optional[Path]:
