@@ -65,13 +65,7 @@ def copy_into_peft(ours, theirs, name="default"):
                 t.lora_magnitude_vector[name].weight.copy_(m.lora[name].magnitude)
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """Our base checkpoint and its --to_hf export."""
-    folder = tmp_path_factory.mktemp("base")
-    weight = save_model(base_model(), folder / "full_sft_64.pth")
-    convert(["--to_hf", str(folder / "hf"), "--weight", str(weight)])
-    return weight, folder / "hf"
+from tests.test_peft_interop import base  # noqa: E402,F401  (fixture: our base checkpoint and its --to_hf export)
 
 
 @pytest.mark.parametrize("targets", [None, "all-linear"])
