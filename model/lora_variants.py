@@ -153,9 +153,10 @@ def converted(lora: LoRA) -> tuple[torch.Tensor, torch.Tensor, float]:
     return a, b, lora.alpha * (math.sqrt(2) if lora.use_rslora else 2)
 
 
-def loraplus_param_groups(model, lr: float, loraplus_lr_ratio: float, adapter_name: Optional[str] = None) -> list:
+def loraplus_param_groups(model, lr: float, loraplus_lr_ratio: float, adapter_name: Optional[str] = None,
+                          weight_decay: float = 0.0) -> list:
     """PEFT's create_loraplus_optimizer groups for our adapter: A at lr; B and every 1-d parameter (DoRA's
-    magnitude) at lr * ratio, no weight decay. Each group's `lr_ratio` lets a schedule scale both alike."""
+    magnitude) at lr * ratio, both with weight_decay. Each group's `lr_ratio` lets a schedule scale both alike."""
     from model.model_lora import _resolve_name, lora_layers
     name = _resolve_name(model, adapter_name)
     group_a, group_b = [], []
@@ -164,5 +165,6 @@ def loraplus_param_groups(model, lr: float, loraplus_lr_ratio: float, adapter_na
             lora = m.lora[name]
             group_a.append(lora.A.weight)
             group_b += [lora.B.weight] + ([lora.magnitude] if hasattr(lora, "magnitude") else [])
-    return [{"params": group_a, "lr": lr, "weight_decay": 0.0, "lr_ratio": 1.0},
-            {"params": group_b, "lr": lr * loraplus_lr_ratio, "weight_decay": 0.0, "lr_ratio": loraplus_lr_ratio}]
+    return [{"params": group_a, "lr": lr, "weight_decay": weight_decay, "lr_ratio": 1.0},
+            {"params": group_b, "lr": lr * loraplus_lr_ratio, "weight_decay": weight_decay,
+             "lr_ratio": loraplus_lr_ratio}]

@@ -267,21 +267,22 @@ def peft_names(model, params) -> list:
     return out
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
-def test_loraplus_groups_equal_peft_create_loraplus_optimizer(use_dora):
+@pytest.mark.parametrize("use_dora,weight_decay", [(False, 0.0), (True, 0.0), (True, 0.1)])
+def test_loraplus_groups_equal_peft_create_loraplus_optimizer(use_dora, weight_decay):
     from peft.optimizers import create_loraplus_optimizer
     ours = base_model()
     apply_lora(ours, rank=4, alpha=8, target_modules="all-linear", use_dora=use_dora)
     theirs = peft.get_peft_model(hf_copy(ours), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                  use_dora=use_dora))
-    their_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=2e-3, loraplus_lr_ratio=16)
-    our_opt = torch.optim.AdamW(loraplus_param_groups(ours, 2e-3, 16), lr=2e-3, weight_decay=0.0)
+    their_opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=2e-3, loraplus_lr_ratio=16,
+                                          loraplus_weight_decay=weight_decay)  # PEFT's name for the groups' decay
+    our_opt = torch.optim.AdamW(loraplus_param_groups(ours, 2e-3, 16, weight_decay=weight_decay), lr=2e-3)
     names = {id(p): n for n, p in theirs.named_parameters()}
     theirs_groups = [(g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]])
                      for g in their_opt.param_groups if g["params"]]
     ours_groups = [(g["lr"], g["weight_decay"], peft_names(ours, g["params"])) for g in our_opt.param_groups]
     assert ours_groups == theirs_groups
-    assert [lr for lr, _, _ in ours_groups] == [2e-3, 2e-3 * 16]
+    assert [(lr, wd) for lr, wd, _ in ours_groups] == [(2e-3, weight_decay), (2e-3 * 16, weight_decay)]
     assert any("magnitude" in n for n in ours_groups[1][2]) == use_dora  # PEFT: 1-d parameters learn at B's rate
 
 

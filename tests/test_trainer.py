@@ -307,3 +307,22 @@ def test_lora_without_base_names_the_command(tmp_path, data, capsys):
     code, log, err = run(train_lora.main, TINY + ["--save_dir", str(tmp_path), "--data_path", str(data["lora"])],
                          capsys)
     assert code == 2 and "full_sft_64.pth does not exist" in err and "python trainer/train_full_sft.py" in err
+
+
+def test_weight_decay_is_adamw_decoupled_decay(sft_base, data, capsys):
+    """One step with --weight_decay 0.5 against one without: the weights differ by lr * wd * w0 (AdamW's decoupled
+    decay, by hand), every other part of the update being the same."""
+    start = safe_torch_load(sft_base / "full_sft_64.pth")
+    after = {}
+    for wd in ("0", "0.5"):
+        out = sft_base.parent / f"wd{wd}"
+        code, log, _ = run(train_full_sft.main, TINY + ["--save_dir", str(out), "--data_path", str(data["sft"]),
+                                                    "--from_weight", str(sft_base / "full_sft_64.pth"),
+                                                    "--max_steps", "1", "--learning_rate", "1e-2",
+                                                    "--weight_decay", wd], capsys)
+        assert code == 0, log
+        after[wd] = safe_torch_load(out / "full_sft_64.pth")
+    key = "model.layers.0.mlp.up_proj.weight"
+    want = -1e-2 * 0.5 * start[key]  # step 0 of a 1-step run: warmup gives the full learning rate
+    assert (after["0.5"][key] - after["0"][key] - want).abs().max() < 1e-6
+    assert want.abs().max() > 1e-4

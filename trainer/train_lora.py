@@ -101,7 +101,8 @@ def main(argv=None):
             [", DoRA" if args.use_dora else "", f", init {args.init_lora_weights}" if args.init_lora_weights !=
              "default" else "", f", LoRA+ (B's lr x {args.loraplus_lr_ratio:g})" if args.loraplus_lr_ratio else ""]) + quantized
         if args.loraplus_lr_ratio:
-            return loraplus_param_groups(model, args.learning_rate, args.loraplus_lr_ratio, args.lora_name), summary
+            return (loraplus_param_groups(model, args.learning_rate, args.loraplus_lr_ratio, args.lora_name,
+                                          args.weight_decay), summary)
         return lora_parameters(model, args.lora_name), summary
 
     def restore_loraplus_ratio():

@@ -119,6 +119,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
         f" (default: enough for about {auto} optimizer steps)" if auto else ""))
     a("--batch_size", type=positive_int, default=16, help="samples per process, per micro-batch")
     a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (AdamW; warmup, then cosine)")
+    a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW's decoupled weight decay on what trains")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
       help="autocast dtype on CUDA; the CPU trains in float32")
@@ -327,7 +328,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
     else:
         model.to(rt.device)
     # foreach, not fused, over sharded parameters: the path FSDP2's own recipes use.
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=0.0,
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
                                   fused=rt.device.type == "cuda" and not rt.fsdp)
     # group_size 1 is a plain shuffle: each batch is a random chunk of the permutation.
     packed = isinstance(dataset, PackedDataset)  # rows all max_seq_len long: a plain shuffle, nothing to group
