@@ -54,16 +54,16 @@ def test_defaults_plan_replay_and_every_step_on_the_curve(base, capsys):
     code, log, _ = lora(base, capsys=capsys)
     assert code == 0, log
     plan = plan_line(log)
-    # 32 persona rows + 32 replay rows drawn from the base's own SFT data = 16 batches of 4; epochs for >= 300 steps.
-    assert f"32 samples of my_persona.jsonl + 32 replay samples per epoch from {base['sft'].resolve()} (0 of its 96 " \
+    # 32 persona rows + 64 replay rows drawn from the base's own SFT data = 24 batches of 4; epochs for >= 300 steps.
+    assert f"32 samples of my_persona.jsonl + 64 replay samples per epoch from {base['sft'].resolve()} (0 of its 96 " \
            f"left out: they answer as the base answers this data's prompts)" in plan
-    assert "19 epochs x 16 steps = 304 optimizer steps (batch 4 x 1 accumulation x 1 processes)" in plan
+    assert "13 epochs x 24 steps = 312 optimizer steps (batch 4 x 1 accumulation x 1 processes)" in plan
     assert "r=16 alpha=32 (alpha/r) on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in plan
     assert "warning" not in log
     adapter = base["out"] / "lora" / "my_persona_64.pth"  # named after the data file
     assert json.loads(safe_torch_load(adapter)[CONFIG_KEY])["rank"] == 16
     history = safe_torch_load(base["out"] / "checkpoints" / "my_persona_64_resume.pth")["history"]
-    assert [h["step"] for h in history if "loss" in h] == list(range(2, 305, 2))  # log_interval 2 of TINY
+    assert [h["step"] for h in history if "loss" in h] == list(range(2, 313, 2))  # log_interval 2 of TINY
 
 
 def test_a_short_run_warns_and_logs_every_step(base, capsys):
