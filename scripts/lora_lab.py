@@ -436,8 +436,8 @@ def curve_at(curve: list, step: int) -> float:
 
 def exp_capacity(lab: Lab):
     best = best_lrs(lab)
-    steps = lab.steps(1200)
-    curve = max(1, steps // 12)
+    steps = lab.steps(800)
+    curve = max(1, steps // 10)
     methods = {"r1": 1, "r4": 4, "r16": 16, "r64": 64, "full": 0}
 
     def run(n, m, seed=42):
