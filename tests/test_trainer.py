@@ -172,9 +172,10 @@ def loss_curve(history):
     return [{k: v for k, v in h.items() if k != "tokens_per_sec"} for h in history]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data, optimizer):
     common = TINY + ["--data_path", str(data["pretrain"]), "--epochs", "2", "--max_steps", "40",
-                     "--save_interval", "8"]  # 24 batches an epoch: the kill at step 16 is inside epoch 2
+                     "--save_interval", "8", "--optimizer", optimizer]  # the kill at step 16 is inside epoch 2
     full = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "a")] + common)
     assert full.returncode == 0, full.stderr
     script = tmp_path / "crash.py"
@@ -186,6 +187,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data):
                      "--pack", "1"] + common)
     assert packed.returncode == 2 and "saved with --pack 0 --max_seq_len 64; resume with the same values" in \
         packed.stderr, packed.stderr
+    other = {"adamw": "muon", "muon": "adamw"}[optimizer]
+    switched = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1"] + common
+                      + ["--optimizer", other])
+    assert switched.returncode == 2 and f"saved with --optimizer {optimizer}; resume with it" in switched.stderr, \
+        switched.stderr
     resumed = python(["trainer/train_pretrain.py", "--save_dir", str(tmp_path / "b"), "--from_resume", "1"] + common)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr
@@ -326,3 +332,24 @@ def test_weight_decay_is_adamw_decoupled_decay(sft_base, data, capsys):
     want = -1e-2 * 0.5 * start[key]  # step 0 of a 1-step run: warmup gives the full learning rate
     assert (after["0.5"][key] - after["0"][key] - want).abs().max() < 1e-6
     assert want.abs().max() > 1e-4
+
+
+def test_muon_orthogonalises_the_matrices_and_leaves_embeddings_to_adamw(sft_base, data, capsys):
+    """One step from the same weights: a hidden matrix moves by lr * 0.2 * sqrt(max(rows, cols)) times a matrix
+    whose singular values Newton-Schulz has pushed towards 1 (Muon, adjusted to AdamW's RMS); the embedding moves by
+    lr * sign(grad) (AdamW's first step)."""
+    start = safe_torch_load(sft_base / "full_sft_64.pth")
+    out = sft_base.parent / "muon"
+    code, log, _ = run(train_full_sft.main, TINY + ["--save_dir", str(out), "--data_path", str(data["sft"]),
+                                                "--from_weight", str(sft_base / "full_sft_64.pth"), "--max_steps", "1",
+                                                "--learning_rate", "1e-3", "--optimizer", "muon", "--grad_clip", "0"],
+                       capsys)
+    assert code == 0, log
+    after = safe_torch_load(out / "full_sft_64.pth")
+    key = "model.layers.0.mlp.up_proj.weight"
+    delta = after[key] - start[key]
+    s = torch.linalg.svdvals(delta / (1e-3 * 0.2 * max(delta.shape) ** 0.5))
+    assert 0.5 < s.min() and s.max() < 1.5, s
+    emb = after["model.embed_tokens.weight"] - start["model.embed_tokens.weight"]
+    # lr * g / (|g| + eps): exactly lr but where a gradient entry is as small as AdamW's eps (1e-8).
+    assert ((emb.abs() - 1e-3).abs() < 1e-5).float().mean() > 0.95

@@ -120,6 +120,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--batch_size", type=positive_int, default=16, help="samples per process, per micro-batch")
     a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (AdamW; warmup, then cosine)")
     a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW's decoupled weight decay on what trains")
+    a("--optimizer", default="adamw", choices=["adamw", "muon"],
+      help="muon: torch.optim.Muon on the 2-D matrices that train (embeddings excepted), AdamW on the rest")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     a("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
       help="autocast dtype on CUDA; the CPU trains in float32")
@@ -327,9 +329,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
         trainable = distributed.shard(model, rt.device, DTYPES[args.dtype], trainable)
     else:
         model.to(rt.device)
-    # foreach, not fused, over sharded parameters: the path FSDP2's own recipes use.
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
-                                  fused=rt.device.type == "cuda" and not rt.fsdp)
+    optimizer = make_optimizer(model, trainable, args, rt)
     # group_size 1 is a plain shuffle: each batch is a random chunk of the permutation.
     packed = isinstance(dataset, PackedDataset)  # rows all max_seq_len long: a plain shuffle, nothing to group
     sampler = LengthGroupedBatchSampler(dataset, args.batch_size, seed=args.seed,
@@ -388,6 +388,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                 "world_size": rt.world_size, "batch_size": args.batch_size,
                 "accumulation_steps": args.accumulation_steps, "rng": rng_state(),
                 "pack": args.pack, "max_seq_len": args.max_seq_len, "replay": replay_key(args),
+                "optimizer_name": args.optimizer,
                 "wandb_id": getattr(wandb_run, "id", None)}
         if rt.fsdp:  # every rank: gather for the weights file, write its own shards of the resume state
             path = distributed.save_full(model, skeleton, save)
@@ -468,6 +469,62 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
         if wandb_run is not None:
             wandb_run.finish()
     return state
+
+
+class MuonAndAdamW:
+    """torch.optim.Muon for the hidden matrices and AdamW for the rest, stepped together: the loop's one optimizer
+    (param_groups for the schedule, step, zero_grad, state_dict for resume)."""
+
+    def __init__(self, muon: torch.optim.Optimizer, adamw: Optional[torch.optim.Optimizer]):
+        self.optimizers = [muon] + ([adamw] if adamw else [])
+
+    @property
+    def param_groups(self) -> list:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"parts": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state.get("parts", ())) != len(self.optimizers):
+            raise ValueError("the saved optimizer state has other parts than this run's")
+        for o, part in zip(self.optimizers, state["parts"]):
+            o.load_state_dict(part)
+
+
+def make_optimizer(model, trainable: list, args, rt: Runtime):
+    """AdamW over what trains, or (--optimizer muon) Muon on its 2-D matrices, as nanochat and modded-nanoGPT do:
+    Muon orthogonalises each matrix's momentum. Embeddings (and the lm_head tied to them) stay on AdamW."""
+    if args.optimizer == "adamw":
+        # foreach, not fused, over sharded parameters: the path FSDP2's own recipes use.
+        return torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                 fused=rt.device.type == "cuda" and not rt.fsdp)
+    if rt.fsdp:
+        raise TrainError("--optimizer muon with --fsdp 1 is not supported (Muon needs each whole matrix); use DDP "
+                         "(--fsdp 0) or --optimizer adamw")
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    muon, adamw = [], []
+    for g in (trainable if isinstance(trainable[0], dict) else [{"params": trainable}]):
+        rest = {k: v for k, v in g.items() if k != "params"}
+        mats = [p for p in g["params"] if p.ndim == 2 and id(p) not in embeddings]
+        others = [p for p in g["params"] if p.ndim != 2 or id(p) in embeddings]
+        muon += [{**rest, "params": mats}] if mats else []
+        adamw += [{**rest, "params": others}] if others else []
+    if not muon:
+        raise TrainError("--optimizer muon: nothing that trains is a 2-D matrix; use --optimizer adamw")
+    # match_rms_adamw scales each update to AdamW's size, so one --learning_rate serves both.
+    return MuonAndAdamW(torch.optim.Muon(muon, lr=args.learning_rate, weight_decay=args.weight_decay,
+                                         adjust_lr_fn="match_rms_adamw"),
+                        torch.optim.AdamW(adamw, lr=args.learning_rate, weight_decay=args.weight_decay) if adamw
+                        else None)
 
 
 def parameters(trainable: list) -> list:
@@ -595,6 +652,9 @@ def _check_resume_fits(ckpt, path: Path, rt: Runtime, args, keys=RESUME_KEYS) ->
     if layout != (args.pack, args.max_seq_len):  # the saved data position counts rows of that layout
         raise TrainError(f"{path}: saved with --pack {layout[0]} --max_seq_len {layout[1]}; resume with the same "
                          f"values")
+    if ckpt.get("optimizer_name", "adamw") != args.optimizer:  # absent before --optimizer: AdamW's
+        raise TrainError(f"{path}: saved with --optimizer {ckpt.get('optimizer_name', 'adamw')}; resume with it, or "
+                         f"{START_OVER}")
     saved_replay = ckpt.get("replay", replay_key(args))
     if list(saved_replay) != list(replay_key(args)):  # and batches of that mix
         raise TrainError(f"{path}: saved with --replay_data {saved_replay[0]} --replay_ratio {saved_replay[1]:g}; "
