@@ -89,7 +89,8 @@ class Run:
 
     def label(self) -> str:
         if self.method != "lora":
-            return self.method + (f" wd {self.weight_decay:g}" if self.weight_decay else "")
+            return self.method + (f" wd {self.weight_decay:g}" if self.weight_decay else "") + (
+                f" {self.quantize}" if self.quantize != "none" else "")
         extra = [x for x, on in (("rsLoRA", self.rslora), ("DoRA", self.dora), (self.init, self.init != "default"),
                                  (f"LoRA+ {self.loraplus:g}", self.loraplus), (self.quantize, self.quantize != "none"))
                  if on]
@@ -397,12 +398,15 @@ def exp_lr(lab: Lab):
             points = {lr: res[r]["heldout"]["loss"] for (n, ln, lr), r in runs.items() if n == name and ln == length}
             best[name, length] = best_lr(points)
             cells = {lr: f"{points[lr]:.3f}" if math.isfinite(points[lr]) else "diverged" for lr in points}
+            edge = best[name, length][0] in (min(points), max(points))  # no bracket: the optimum may lie beyond
             rows.append([name, f"{length} ({next(r.steps for (n, ln, _), r in runs.items() if ln == length)} steps)"]
-                        + [cells.get(lr, "") for lr in LR_GRID] + [f"{best[name, length][1]:.2g}"])
+                        + [cells.get(lr, "") for lr in LR_GRID]
+                        + [f"{best[name, length][1]:.2g}" + (" (grid edge)" if edge else "")])
     ratios = {(n, ln): best[n, ln][1] / best["full", ln][1] for n in ("r4", "r64") for ln in ("short", "long")}
     body = [f"Task {task} (its held-out phrasings); LoRA on all linear layers with alpha = 2r; full fine-tuning "
             "trains every weight. Held-out loss of the reference answers after each run; the best learning rate is "
-            "the grid's minimum refined by a parabola through it and its neighbours (in log lr).", "",
+            "the grid's minimum refined by a parabola through it and its neighbours (in log lr); a best at the grid's edge "
+            "bounds the optimum instead of locating it.", "",
             table(["setting", "run", *[f"{lr:.2g}" for lr in LR_GRID], "best lr"], rows), "",
             table(["rank", "best LoRA lr / best full lr, short run", "long run"],
                   [[n, f"{ratios[n, 'short']:.1f}x", f"{ratios[n, 'long']:.1f}x"] for n in ("r4", "r64")]), ""]
@@ -412,7 +416,8 @@ def exp_lr(lab: Lab):
             for length, style in (("short", "--"), ("long", "-")):
                 pts = sorted((lr, res[r]["heldout"]["loss"]) for (n, ln, lr), r in runs.items()
                              if n == name and ln == length and math.isfinite(res[r]["heldout"]["loss"]))
-                plt.plot(*zip(*pts), style, marker="o", label=f"{name}, {length} run")
+                plt.plot(*zip(*pts), style, marker="o", color={"full": "C0", "r4": "C1", "r64": "C2"}[name],
+                         label=f"{name}, {length} run")
         plt.xscale("log"), plt.xlabel("learning rate"), plt.ylabel("held-out loss"), plt.legend(fontsize=8)
         plt.title(f"{task}: held-out loss against learning rate")
     body.append(figure(lab, "lr", draw))
@@ -427,7 +432,8 @@ def exp_lr(lab: Lab):
                 "counts as about 10x (the grid's step is 3.16x)"),
         Verdict("The best LoRA learning rate is about the same for every rank", "Schulman et al. 2025",
                 "confirmed" if 1 / 3 <= rank_gap <= 3 else "refuted", f"best lr r64 / r4: {rank_gap:.2f}x",
-                "within a factor 3 (one grid step) counts as the same")]
+                "within a factor 3 (one grid step) counts as the same; here alpha = 2r keeps the scale at 2 for every "
+                "rank, where the paper fixes alpha (scale 1/r): the alpha experiment compares the two")]
 
 
 def curve_at(curve: list, step: int) -> float:
