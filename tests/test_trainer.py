@@ -353,3 +353,15 @@ def test_muon_orthogonalises_the_matrices_and_leaves_embeddings_to_adamw(sft_bas
     emb = after["model.embed_tokens.weight"] - start["model.embed_tokens.weight"]
     # lr * g / (|g| + eps): exactly lr but where a gradient entry is as small as AdamW's eps (1e-8).
     assert ((emb.abs() - 1e-3).abs() < 1e-5).float().mean() > 0.95
+
+
+def test_wsd_schedule_holds_then_falls_linearly(tmp_path, data, capsys):
+    """--lr_schedule wsd over 10 steps (warmup 1): the peak for 8 steps, then 55% and 10% of it, by hand."""
+    out = tmp_path / "wsd"
+    code, log, _ = run(train_pretrain.main, TINY + ["--save_dir", str(out), "--data_path", str(data["pretrain"]),
+                                                "--max_steps", "10", "--log_interval", "1", "--learning_rate", "1e-3",
+                                                "--lr_schedule", "wsd"], capsys)
+    assert code == 0, log
+    history = safe_torch_load(out / "checkpoints" / "pretrain_64_resume.pth")["history"]
+    lrs = [h["lr"] for h in history if "lr" in h]
+    assert lrs == pytest.approx([1e-3] * 8 + [0.55e-3, 0.1e-3], rel=1e-9)

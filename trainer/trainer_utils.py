@@ -120,6 +120,8 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--batch_size", type=positive_int, default=16, help="samples per process, per micro-batch")
     a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (AdamW; warmup, then cosine)")
     a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW's decoupled weight decay on what trains")
+    a("--lr_schedule", default="cosine", choices=["cosine", "wsd"],
+      help="after warmup: cosine decay to 10%%, or wsd: held, then a linear fall to 10%% over the last 20%% of steps")
     a("--optimizer", default="adamw", choices=["adamw", "muon"],
       help="muon: torch.optim.Muon on the 2-D matrices that train (embeddings excepted), AdamW on the rest")
     a("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
@@ -258,6 +260,18 @@ def init_model(args, tokenizer_vocab: int) -> MiniMindForCausalLM:
         raise TrainError(f"{path}: vocab size {model.config.vocab_size} differs from the tokenizer's "
                          f"{tokenizer_vocab}; train with the tokenizer the base was trained with")
     return model
+
+
+def wsd_lr(step: int, total: int, base_lr: float, warmup: int, decay_frac: float = 0.2) -> float:
+    """Warmup-stable-decay: linear warmup, base_lr held, then a linear fall to 10% of it over the last decay_frac of
+    the steps (the floor cosine_lr ends on); the stable phase lets a run be extended, the decay does the annealing."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    decay_start = max(warmup, total - round(decay_frac * total))
+    if step < decay_start:
+        return base_lr
+    progress = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    return base_lr * (1.0 - 0.9 * progress)
 
 
 def cosine_lr(step: int, total: int, base_lr: float, warmup: int) -> float:
@@ -419,7 +433,8 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                 group.append(batch)
                 if len(group) < args.accumulation_steps:
                     continue
-                lr = cosine_lr(state.step, total_steps, args.learning_rate, warmup)
+                lr = (wsd_lr if args.lr_schedule == "wsd" else cosine_lr)(state.step, total_steps, args.learning_rate,
+                                                                           warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
                 loss = _optimizer_step(net, optimizer, group, rt, args, parameters(trainable))
