@@ -891,6 +891,9 @@ def write_docs(lab: Lab, name: str, title: str, body: str, verdicts: list, comma
            "What the notes and the papers claim about LoRA, each measured on this project's 4.4M-parameter demo "
            "base by `python scripts/lora_lab.py EXPERIMENT`. A verdict is what this scale showed, not a ruling on "
            "the paper's.", "", table(["claim", "source", "verdict", "the number that decides it"], summary), ""]
+    missing = [n for n in EXPERIMENTS if not (folder / f"{n}.md").is_file()]
+    if missing:
+        doc[-1:-1] = ["", f"Not yet run here: {', '.join(missing)} (`python scripts/lora_lab.py NAME`)."]
     atomic_write(lab.docs / "LORA_LAB.md", lambda tmp: Path(tmp).write_text("\n".join(doc + sections)))
 
 
