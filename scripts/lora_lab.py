@@ -105,7 +105,6 @@ class Lab:
         self.out, self.docs, self.quick = out, docs, quick
         self.scale = QUICK if quick else FULL
         self.jobs, self.threads, self.seeds = jobs, threads, seeds
-        self.trained = 0
         self.run_seconds = {}  # key -> seconds, for the runs the current experiment used
 
     def steps(self, n: int) -> int:
@@ -133,11 +132,9 @@ class Lab:
                 with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
                     result = work(run, self.out, self.scale)
                 atomic_json_save(result, self.result_path(run))
-                self.trained += 1
         else:
             with ThreadPoolExecutor(self.jobs) as pool:
-                for _ in pool.map(self.spawn, todo):
-                    self.trained += 1
+                list(pool.map(self.spawn, todo))
         results = {r: json.loads(self.result_path(r).read_text()) for r in runs}
         for r, res in results.items():  # each run's own time, however many invocations it took to train them all
             self.run_seconds[r.key()] = res["seconds"]
@@ -164,19 +161,25 @@ class Lab:
         return run
 
 
+def base_path(out: Path, scale: Scale, name: str = "full_sft") -> Path:
+    """{name}_{h}.pth of the lab's base: the demo's (hidden 256) in out/, or --quick's tiny one in the lab's folder."""
+    if scale.base_flags:
+        return out / "base" / f"{name}_{scale.base_flags[1]}.pth"
+    return ROOT / "out" / f"{name}_256.pth"
+
+
 def ensure_base(out: Path, scale: Scale) -> Path:
-    """The folder holding pretrain_{h}.pth and full_sft_{h}.pth: the demo's (trained first if missing, as
-    scripts/demo.sh does), or for --quick a tiny base trained in seconds."""
+    """The lab's base, pretrain_{h}.pth and full_sft_{h}.pth: the demo's (trained first if missing, as
+    scripts/demo.sh does), or for --quick a tiny base trained in seconds. Returns full_sft's path."""
     from trainer import train_full_sft, train_pretrain
-    folder = out / "base" if scale.base_flags else ROOT / "out"
-    h = scale.base_flags[1] if scale.base_flags else "256"
     quick = list(scale.base_flags) + (["--max_steps", "20", "--batch_size", "8"] if scale.base_flags else [])
     for name, main in (("pretrain", train_pretrain.main), ("full_sft", train_full_sft.main)):
-        if not (folder / f"{name}_{h}.pth").is_file():
-            print(f"lab: training the base {folder / f'{name}_{h}.pth'} first", flush=True)
-            if main(quick + ["--save_dir", str(folder)]) is None:
+        path = base_path(out, scale, name)
+        if not path.is_file():
+            print(f"lab: training the base {path} first", flush=True)
+            if main(quick + ["--save_dir", str(path.parent)]) is None:
                 raise SystemExit(f"lab: could not train {name}")
-    return folder
+    return base_path(out, scale)
 
 
 def task_files(out: Path, task: str, scale: Scale) -> tuple:
@@ -191,15 +194,15 @@ def work(run: Run, out: Path, scale: Scale) -> dict:
     import torch
 
     import eval_llm
-    from model.checkpoint import load_model, safe_torch_load
+    from model.checkpoint import safe_torch_load
     from model.model_lora import lora_layers
     from trainer import train_full_sft, train_lora, trainer_utils
-    from trainer.trainer_utils import TrainError
+    from trainer.trainer_utils import NonFiniteLoss
 
     torch.manual_seed(run.seed)
-    base_dir = ensure_base(out, scale)
-    h = load_model(base_dir / f"{run.base}_{scale.base_flags[1] if scale.base_flags else 256}.pth").config.hidden_size
-    base = base_dir / f"{run.base}_{h}.pth"
+    ensure_base(out, scale)
+    base = base_path(out, scale, run.base)
+    h = base.stem.rsplit("_", 1)[1]  # the width in the trainers' output names
     train, heldout = task_files(out, run.task, scale)
     tmp = out / "work" / run.key()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -226,10 +229,10 @@ def work(run: Run, out: Path, scale: Scale) -> dict:
         try:  # no loss png per run: the lab draws its own curves
             with patch.object(trainer_utils, "plot_loss", lambda *a, **k: None):
                 state = main(argv)
-        except TrainError as e:  # a learning rate too high for the method: a finding, not a crash
-            if "not finite" not in str(e) and "non-finite" not in str(e):
-                raise
-            result.update(diverged=str(e), seconds=time.time() - t0, heldout={"match": 0.0, "loss": math.inf})
+        except NonFiniteLoss as e:  # a learning rate too high for the method: a finding, not a crash
+            lost = {"match": 0.0, "loss": math.inf}
+            result.update(diverged=str(e), seconds=time.time() - t0, heldout=lost, train=lost, general=lost,
+                          pretrain=lost)
             return result
         result["curve"] = [(e["step"], e["eval_loss"]) for e in state.history if "eval_loss" in e]
         result["train_curve"] = [(e["step"], e["loss"]) for e in state.history if "loss" in e]
@@ -541,7 +544,7 @@ def tuned(lab: Lab, base: Run, lrs: tuple) -> tuple:
 
 def exp_placement(lab: Lab):
     from model.checkpoint import load_config
-    config = load_config(ensure_base(lab.out, lab.scale) / f"full_sft_{lab.scale.base_flags[1] if lab.quick else 256}.pth")
+    config = load_config(ensure_base(lab.out, lab.scale))
     best = best_lrs(lab)
     lrs = tuple(float(f"{best['r4'][0] * f:.3g}") for f in (1 / 3.16, 1, 3.16))
     matched_budget = 4 * sum(param_rank(config, [t], 1) for t in ALL)  # all-linear at r4
@@ -932,7 +935,7 @@ def main(argv=None) -> int:
     ensure_base(out, scale)
     for name in EXPERIMENTS if args.experiment == "all" else [args.experiment]:
         print(f"lab: {name}", flush=True)
-        t0, lab.trained, lab.run_seconds = time.time(), 0, {}
+        lab.run_seconds = {}
         body, verdicts = EXPERIMENTS[name](lab)
         command = f"python scripts/lora_lab.py {name}" + (" --quick" if args.quick else "")
         write_docs(lab, name, TITLES[name], body, verdicts, command)

@@ -96,3 +96,11 @@ def test_every_experiment_runs_quick_and_resumes(tmp_path, capsys):
     log = capsys.readouterr().out
     assert log.count("to train") == 1 and "1 to train" in log
     assert sorted(p.name for p in (out / "runs").iterdir()) == runs
+
+
+def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, capsys):
+    """A learning rate that makes the loss NaN ends the run with an infinite held-out loss, which best_lr skips."""
+    run = lora_lab.Run("facts_12", method="full", lr=1e8, steps=4)
+    result = lora_lab.work(run, tmp_path / "lab", lora_lab.QUICK)
+    assert "loss is nan" in result["diverged"]
+    assert result["heldout"]["loss"] == math.inf and result["train"]["loss"] == math.inf

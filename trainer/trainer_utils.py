@@ -118,7 +118,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--epochs", type=positive_int, default=1, help="passes over the training data" + (
         f" (default: enough for about {auto} optimizer steps)" if auto else ""))
     a("--batch_size", type=positive_int, default=16, help="samples per process, per micro-batch")
-    a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (AdamW; warmup, then cosine)")
+    a("--learning_rate", type=positive_float, default=5e-4, help="peak learning rate (warmup, then --lr_schedule)")
     a("--weight_decay", type=nonnegative_float, default=0.0, help="AdamW's decoupled weight decay on what trains")
     a("--lr_schedule", default="cosine", choices=["cosine", "wsd"],
       help="after warmup: cosine decay to 10%%, or wsd: held, then a linear fall to 10%% over the last 20%% of steps")
@@ -361,6 +361,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
         raise TrainError(f"{args.data_path}: one epoch is {batches_per_epoch} batches, fewer than "
                          f"--accumulation_steps {args.accumulation_steps}; lower it or --batch_size")
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, total_steps // 50)
+    schedule = wsd_lr if args.lr_schedule == "wsd" else cosine_lr
     # A short run logs more often, so its loss curve has points to show.
     log_every = args.log_interval if total_steps >= 20 * args.log_interval else max(1, total_steps // 20)
     if rt.is_main:
@@ -433,8 +434,7 @@ def train(args, rt: Runtime, model: MiniMindForCausalLM, dataset, collate, *, tr
                 group.append(batch)
                 if len(group) < args.accumulation_steps:
                     continue
-                lr = (wsd_lr if args.lr_schedule == "wsd" else cosine_lr)(state.step, total_steps, args.learning_rate,
-                                                                           warmup)
+                lr = schedule(state.step, total_steps, args.learning_rate, warmup)
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_ratio", 1.0)
                 loss = _optimizer_step(net, optimizer, group, rt, args, parameters(trainable))
