@@ -1362,6 +1362,7 @@ def symptom_qa(rng, lang, row, answer):
 
 
 ID_COMPOSED = 200  # assembled identity questions in lora_identity
+ID_ADAPTER_CONTRAST = 240  # general chat after an identity opening ("I worked late yesterday. ") in lora_identity
 
 
 def make_lora_identity(seed):
@@ -1383,9 +1384,10 @@ def make_lora_identity(seed):
     for _ in range(ID_COMPOSED):
         lang = rng.choice(["zh", "en"])
         out.append(conversation(rng, lang, [(identity_composed(rng, lang), rng.choice(ID_ANSWERS[lang]).format(name=PERSONA))]))
-    # General chat and symptom questions answered as the base answers them, so the adapter changes the
-    # name and nothing else (without these it answered a headache question about heartburn).
-    out += [chat_sample(rng, contexts=ID_CONTEXTS, context_p=0.3) for _ in range(800)]
+    # Symptom questions, and general chat after the sentences identity questions open with, answered as the base
+    # answers them: the adapter changes the name and nothing else (without these it answered a headache question
+    # about heartburn). Plain general chat is replayed by the trainer (demo.sh: --replay_data auto).
+    out += [chat_sample(rng, contexts=ID_CONTEXTS, context_p=1.0) for _ in range(ID_ADAPTER_CONTRAST)]
     for lang in ("zh", "en"):
         for row in MEDICAL:
             q, a = symptom_qa(rng, lang, row, lambda s, _: GENERIC_ADVICE[lang].format(s=s))
@@ -1399,7 +1401,7 @@ def make_lora_identity(seed):
 # Half the templates and twice the stories of an earlier recipe: outside_medical +5 points on four seeds' bases,
 # +1 on prompts written after that choice (docs/DEMO_RECIPE.md, "How the recipe was found").
 MED_ADAPTER_TEMPLATES, MED_ADAPTER_STORIES, MED_ADAPTER_SAYINGS = 8, 8, 4
-MED_ADAPTER_REPLAY = 1000  # general conversations in lora_medical
+MED_ADAPTER_CONTRAST = 300  # general chat after a symptom story's opening sentence in lora_medical
 
 
 def make_lora_medical(seed):
@@ -1413,10 +1415,10 @@ def make_lora_medical(seed):
                 out.append(conversation(rng, lang, [(q, advice)], system_p=0.1))
             for _ in range(MED_ADAPTER_SAYINGS):
                 out.append(conversation(rng, lang, [(saying_prompt(rng, zs, lang), advice)], system_p=0.1))
-    # General chat answered as the base answers it: the adapter adds remedies, it does not unlearn the world.
-    # Some follow the same sentences of circumstance as the symptom stories, so a preamble alone never means
-    # "give a remedy" (without them held-out lead-ins like "麻烦告诉我，" drew remedies and garbled answers).
-    out += [chat_sample(rng, contexts=MED_CONTEXTS, context_p=0.3) for _ in range(MED_ADAPTER_REPLAY)]
+    # General chat after the same sentences of circumstance as the symptom stories, answered as the base answers
+    # it, so a preamble alone never means "give a remedy" (without them held-out lead-ins like "麻烦告诉我，" drew
+    # remedies and garbled answers). Plain general chat is replayed by the trainer (demo.sh: --replay_data auto).
+    out += [chat_sample(rng, contexts=MED_CONTEXTS, context_p=1.0) for _ in range(MED_ADAPTER_CONTRAST)]
     rng.shuffle(out)
     return out
 

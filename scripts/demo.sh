@@ -26,14 +26,17 @@ T=(--save_dir "$OUT" --seed "$SEED")
 stage pretrain python trainer/train_pretrain.py "${T[@]}" "$@"
 stage full_sft python trainer/train_full_sft.py "${T[@]}" "$@"
 # On this base the persona needs the MLPs too: q_proj,o_proj (the default) wrote "I amina" (0-21% after 4-10 epochs).
-# 800 general replay rows (with 400, on the seed-42 base of the arithmetic drill, it cost eval_general 4 points).
-# 3 epochs: as good as 6 on the four seeds' bases in half the time; 2 cost seed 1 4.5 points of eval_general.
+# Replay: about 560 of the base's own chat rows per epoch (0.66 per task row; with 400, on the seed-42 base of the
+# arithmetic drill, it cost eval_general 4 points). 3 epochs: as good as 6 on the four seeds' bases in half the
+# time; 2 cost seed 1 4.5 points of eval_general.
 stage lora_identity python trainer/train_lora.py "${T[@]}" --lora_name lora_identity \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 3 --replay_data none --overwrite 1 "$@"
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 3 \
+  --replay_data auto --replay_ratio 0.66 --overwrite 1 "$@"
 # New facts need the MLPs: on q_proj,o_proj (the default) the medical adapter stays under 10%.
-# 6 epochs: with 4 or 5, seed 1's adapter cost eval_general 3.5 / 3.0 points (6: 1.5).
+# 6 epochs: with 4 or 5, seed 1's adapter cost eval_general 3.5 / 3.0 points (6: 1.5). Replay: about 700 rows.
 stage lora_medical python trainer/train_lora.py "${T[@]}" --lora_name lora_medical \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 3e-3 --epochs 6 --lora_dropout 0.1 --replay_data none --overwrite 1 "$@"
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 3e-3 --epochs 6 --lora_dropout 0.1 \
+  --replay_data auto --replay_ratio 0.5 --overwrite 1 "$@"
 D=dataset/demo
 EVAL="$D/eval_capitals.jsonl,$D/eval_general.jsonl,$D/outside_general.jsonl,$D/eval_identity.jsonl"
 EVAL="$EVAL,$D/outside_identity.jsonl,$D/eval_medical.jsonl,$D/outside_medical.jsonl,$D/eval_pretrain.jsonl"

@@ -17,7 +17,7 @@ from scripts import convert_model
 from tests.conftest import tiny_config
 from tests.test_trainer import TINY, head, run
 from trainer import train_full_sft, train_lora
-from trainer.trainer_utils import base_replies, first_sentence, replay_pool
+from trainer.trainer_utils import base_replies, first_sentence, replay_pool, spread
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "dataset" / "demo"
@@ -107,13 +107,44 @@ def test_replay_leaves_out_rows_that_answer_as_the_base_answers_the_task(base, t
     mix = ReplayMix(SFTDataset(base["persona"], tok, 64), replay, ratio=0.25, seed=0, pool=[1, 3])
     assert sorted(mix.chosen.tolist()) == [1] * 4 + [3] * 4  # 8 draws from the two rows left in
     model = load_model(base["out"] / "full_sft_64.pth")
-    got = base_replies(model, tok, SFTDataset(base["persona"], tok, 64), limit=3, max_new_tokens=6)
-    prompt = tok.apply_chat_template(SFTDataset(base["persona"], tok, 64).record(0)["conversations"][:1],
-                                     add_generation_prompt=True, tokenize=True)
-    ids = model.generate(torch.tensor([prompt]), 6, temperature=0, eos_token_id=tok.eos_token_id)[0, len(prompt):]
-    ids = ids.tolist()
-    reply = tok.decode(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids, skip_special_tokens=True)
-    assert len(first_sentence(reply)) < 6 or first_sentence(reply) in got  # the solo greedy reply, batched or not
+    task = SFTDataset(base["persona"], tok, 64)
+    got = base_replies(model, tok, task, limit=3, max_new_tokens=6)
+    # prompts spread over the file: the demo medical file's first 64 ask 32 of 48 symptoms x languages
+    assert spread(32, 3) == [0, 16, 31] and spread(2, 3) == [0, 1] and spread(0, 3) == []
+    for row in (0, len(task) - 1):
+        prompt = tok.apply_chat_template(task.record(row)["conversations"][:1], add_generation_prompt=True,
+                                         tokenize=True)
+        ids = model.generate(torch.tensor([prompt]), 6, temperature=0, eos_token_id=tok.eos_token_id)[0, len(prompt):]
+        ids = ids.tolist()
+        reply = tok.decode(ids[: ids.index(tok.eos_token_id)] if tok.eos_token_id in ids else ids,
+                           skip_special_tokens=True)
+        assert len(first_sentence(reply)) < 6 or first_sentence(reply) in got  # the solo greedy reply, batched or not
+
+
+def test_replay_keeps_rows_the_task_answers_as_the_base_does(tok, tmp_path):
+    """Only what the task replaces is left out: a general question the task answers as the base does ("answered
+    as the base answers it", the demo adapters' contrast rows) keeps its facts in the replay."""
+    class Base:  # a stand-in base whose greedy replies are known: the capital when asked one, else its name
+        def eval(self):
+            pass
+
+        train = eval
+
+        def generate(self, ids, n, eos_token_id=None, **_):
+            rows = []
+            for p in ids.tolist():
+                text = ("The capital of France is Paris. It is big." if "France" in tok.decode(p)
+                        else "I am MiniMind, a small language model.")
+                rows.append(p + tok.encode(text) + [eos_token_id] * n)
+            width = max(len(r) for r in rows)
+            return torch.tensor([r + [eos_token_id] * (width - len(r)) for r in rows])
+
+    rows = [("Who are you?", "I am Pico."), ("I worked late. Capital of France?", "The capital of France is Paris.")]
+    path = tmp_path / "task.jsonl"
+    path.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": q},
+                                                          {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in rows))
+    assert base_replies(Base(), tok, SFTDataset(path, tok, 64)) == {"I am MiniMind, a small language model."}
 
 
 def test_replay_ratio_and_resume_refuse_another_mix(base, capsys):

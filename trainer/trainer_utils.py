@@ -870,18 +870,21 @@ REPLAY_SCAN = 200_000  # replay rows examined (and drawn from): plenty to keep a
 
 
 @torch.no_grad()
-def base_replies(model, tokenizer, task, limit=64, max_new_tokens=32) -> set:
-    """First sentences of the base's greedy replies to the task's first prompts: what the adapter is trained to
-    replace (a persona's "I am MiniMind, ..."). Replaying rows that say them would teach the old answer back."""
-    prompts = []
-    for i in range(min(limit, len(task))):
+def base_replies(model, tokenizer, task, limit=512, max_new_tokens=32) -> set:
+    """First sentences of the base's greedy replies to the task's prompts (at most `limit`, spread over the file)
+    that the task's answers replace (a persona's "I am MiniMind, ...", the generic advice a remedy replaces):
+    replaying rows that say them would teach the old answer back. A reply the task itself gives (a general
+    question answered as the base answers it) is not replaced, and rows that say it stay in the replay."""
+    prompts, answers = [], []
+    for i in spread(len(task), limit):
         messages = task.record(i)["conversations"]
         last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
         prompts.append(tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True))
+        answers.append(messages[last]["content"])
     model.eval()
-    replies = set()
-    for b in range(0, len(prompts), 16):  # left-padded batches; the mask hides the pads
-        batch = prompts[b: b + 16]
+    replies = []
+    for b in range(0, len(prompts), 32):  # left-padded batches; the mask hides the pads
+        batch = prompts[b: b + 32]
         width = max(len(ids) for ids in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -891,9 +894,15 @@ def base_replies(model, tokenizer, task, limit=64, max_new_tokens=32) -> set:
                              attention_mask=mask)[:, width:].tolist()
         for row in out:
             row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
-            replies.add(first_sentence(tokenizer.decode(row, skip_special_tokens=True)))
+            replies.append(first_sentence(tokenizer.decode(row, skip_special_tokens=True)))
     model.train()
-    return {r for r in replies if len(r) >= 6}  # "4." or "Yes." would strike half the file
+    kept = {r for r in replies if any(r in a for a in answers)}
+    return {r for r in replies if len(r) >= 6 and r not in kept}  # "4." or "Yes." would strike half the file
+
+
+def spread(n: int, k: int) -> list:
+    """At most k indices of range(n), evenly spaced, first and last included."""
+    return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int)).tolist() if n else []
 
 
 def first_sentence(text: str) -> str:
