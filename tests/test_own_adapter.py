@@ -56,7 +56,7 @@ def test_defaults_plan_replay_and_every_step_on_the_curve(base, capsys):
     plan = plan_line(log)
     # 32 persona rows + 64 replay rows drawn from the base's own SFT data = 24 batches of 4; epochs for >= 300 steps.
     assert f"32 samples of my_persona.jsonl + 64 replay samples per epoch from {base['sft'].resolve()} (0 of its 96 " \
-           f"left out: they answer as the base answers this data's prompts)" in plan
+           f"left out: they repeat a base reply this data replaces)" in plan
     assert "13 epochs x 24 steps = 312 optimizer steps (batch 4 x 1 accumulation x 1 processes)" in plan
     assert "r=16 alpha=32 (alpha/r) on q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj" in plan
     assert "warning" not in log

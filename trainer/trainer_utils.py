@@ -815,7 +815,7 @@ def fit(args, dataset_cls, prepare_model: Callable, save: Callable, trainable_st
         dataset = ReplayMix(dataset, replay, args.replay_ratio, seed=args.seed, pool=pool)
         dataset.check_targets()
         data_plan += (f" + {dataset.n_replay} replay samples per epoch from {args.replay_path} ({left_out} of its "
-                      f"{len(replay)} left out: they answer as the base answers this data's prompts)")
+                      f"{len(replay)} left out: they repeat a base reply this data replaces)")
     elif getattr(args, "replay_data", None) == "auto":
         data_plan += (" (no replay: the base's .json names no chat data it was trained on that is still there; "
                       "pass --replay_data FILE to keep its general answers)")
