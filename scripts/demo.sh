@@ -47,6 +47,8 @@ stage answers python eval_llm.py --save_dir "$OUT" --lora_weight lora_identity,l
   --prompt "最近老是头痛，有什么建议吗？" --prompt "Doctor, I have a sore throat. What should I pay attention to?" \
   --prompt "肯尼亚的首都是哪座城市？" --prompt "What do 9 and 7 add up to?"
 echo
+python scripts/demo_targets.py "$OUT/eval_demo.json" || true  # a missed target is reported, not fatal
+echo
 echo "stage wall times (this run):"
 printf "$TIMES"
 printf '%-16s %4ds\n' total $(( $(date +%s) - START ))
