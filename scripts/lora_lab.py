@@ -522,16 +522,24 @@ def exp_capacity(lab: Lab):
                 "overfitting would show as r64 ending worse than r16 on the same data")]
 
 
-def param_rank(config, targets: list, budget: int) -> int:
-    """The rank whose adapter on `targets` (in every layer) has about `budget` parameters per layer."""
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def placement_ranks(config) -> tuple:
+    """({set: (targets, rank)} at the parameters of all-linear r4, the same at those of q alone at r8 (Hu et al.'s
+    Table 5)): per layer, rank r on a projection costs r x (its input + output width); GQA's k and v are narrower."""
     d, kv, m = config.hidden_size, config.num_key_value_heads * config.head_dim, config.intermediate_size
     q = config.num_attention_heads * config.head_dim
     size = {"q_proj": d + q, "k_proj": d + kv, "v_proj": d + kv, "o_proj": q + d,
             "gate_proj": d + m, "up_proj": d + m, "down_proj": m + d}
-    return max(1, round(budget / sum(size[t] for t in targets)))
 
-
-ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    def rank(targets, budget):
+        return max(1, round(budget / sum(size[t] for t in targets)))
+    matched = {"q,v": ["q_proj", "v_proj"], "q,k,v,o": ALL[:4], "MLP": ALL[4:], "all-linear": ALL}
+    hu = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"], "q,v": ["q_proj", "v_proj"],
+          "q,k,v,o": ALL[:4]}
+    return ({n: (t, rank(t, 4 * sum(size.values()))) for n, t in matched.items()},
+            {n: (t, rank(t, 8 * size["q_proj"])) for n, t in hu.items()})
 
 
 def tuned(lab: Lab, base: Run, lrs: tuple) -> tuple:
@@ -547,16 +555,12 @@ def exp_placement(lab: Lab):
     config = load_config(ensure_base(lab.out, lab.scale))
     best = best_lrs(lab)
     lrs = tuple(float(f"{best['r4'][0] * f:.3g}") for f in (1 / 3.16, 1, 3.16))
-    matched_budget = 4 * sum(param_rank(config, [t], 1) for t in ALL)  # all-linear at r4
-    matched = {"q,v": ["q_proj", "v_proj"], "q,k,v,o": ALL[:4], "MLP": ALL[4:], "all-linear": ALL}
-    hu_budget = 8 * param_rank(config, ["q_proj"], 1)  # {q} at r8
-    hu = {"q": ["q_proj"], "k": ["k_proj"], "v": ["v_proj"], "o": ["o_proj"], "q,v": ["q_proj", "v_proj"],
-          "q,k,v,o": ALL[:4]}
+    matched, hu = placement_ranks(config)
     steps = lab.steps(300)
-    plans = [(task, "matched", name, targets, param_rank(config, targets, matched_budget))
-             for task in ("persona", f"facts_{lab.scale.facts[1]}") for name, targets in matched.items()]
-    plans += [(f"facts_{lab.scale.facts[1]}", "fixed budget", name, targets, param_rank(config, targets, hu_budget))
-              for name, targets in hu.items()]
+    plans = [(task, "matched", name, targets, rank) for task in ("persona", f"facts_{lab.scale.facts[1]}")
+             for name, (targets, rank) in matched.items()]
+    plans += [(f"facts_{lab.scale.facts[1]}", "fixed budget", name, targets, rank)
+              for name, (targets, rank) in hu.items()]
     found = {}
     for task, kind, name, targets, rank in plans:
         top, grid = tuned(lab, Run(task, rank=rank, targets=",".join(targets), steps=steps), lrs)

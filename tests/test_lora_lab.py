@@ -36,6 +36,18 @@ def test_lab_data_is_new_to_the_base_nested_and_byte_identical(tmp_path):
         assert row["expect"] == [dict(people)[name]]
 
 
+def test_placement_ranks_match_the_parameter_budgets():
+    """The demo shape by hand: per layer and rank, q and o 256+256, k and v 256+128 (GQA), MLP 3 x (256+832);
+    all-linear r4 is 4 x 5,056 = 20,224 parameters a layer, q at r8 is 4,096."""
+    from types import SimpleNamespace
+    demo = SimpleNamespace(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                           intermediate_size=832)
+    matched, hu = lora_lab.placement_ranks(demo)
+    assert {n: r for n, (_, r) in matched.items()} == {"q,v": 23, "q,k,v,o": 11, "MLP": 6, "all-linear": 4}
+    assert {n: r for n, (_, r) in hu.items()} == {"q": 8, "k": 11, "v": 11, "o": 8, "q,v": 5, "q,k,v,o": 2}
+    assert matched["MLP"][0] == ["gate_proj", "up_proj", "down_proj"] and hu["v"][0] == ["v_proj"]
+
+
 def test_best_lr_is_the_parabolas_vertex_in_log_lr():
     vertex = math.log10(2e-3)
     points = {lr: (math.log10(lr) - vertex) ** 2 + 1.0 for lr in lora_lab.LR_GRID}
