@@ -721,11 +721,14 @@ def exp_variants(lab: Lab):
                                 f"(margin {need:.3f})", "at each method's own best learning rate, same steps"))
     for rank in (4, 16):
         matches = [stats[n, rank][1][0] for n in kinds]
+        losses = [stats[n, rank][0][0] for n in kinds]
+        need = margin([stats[n, rank][0][1] for n in kinds], 0.02 * min(losses))
         verdicts.append(Verdict(f"At each method's best learning rate the variants land within 1-2% of each other "
-                                f"(r{rank})", "Lee et al. 2026", "confirmed" if spread(matches) <= 0.02 + max(
-                                    stats[n, rank][1][1] for n in kinds) else "refuted",
-                                f"held-out match from {100 * min(matches):.1f}% to {100 * max(matches):.1f}%",
-                                "the spread between variants against 2 points plus the seed spread"))
+                                f"(r{rank})", "Lee et al. 2026", "confirmed" if spread(losses) <= need else "refuted",
+                                f"held-out loss from {min(losses):.3f} to {max(losses):.3f} (margin {need:.3f}); "
+                                f"match {100 * min(matches):.1f}-{100 * max(matches):.1f}%",
+                                "the variants' loss spread against 2% of the best loss or twice the seed spread "
+                                "(held-out match sits near its floor on this task, so loss decides)"))
     return "\n".join(body), verdicts
 
 
