@@ -811,7 +811,7 @@ def exp_batch(lab: Lab):
         plt.xticks([j + 0.2 for j in range(len(ms))], ms), plt.ylabel("held-out loss, same examples seen")
         plt.legend(fontsize=8), plt.title("batch 8 against 64")
     body.append(figure(lab, "batch", draw))
-    need = margin([v[1] for v in stat.values()], 0.02)
+    need = margin([bestb[k][0][1] for k in bestb], 0.02)  # the spreads of the settings compared: each at its better lr
     lora_worse = min(gaps["r8"], gaps["r64"]) > gaps["full"] + need
     return "\n".join(body), [
         Verdict("Large batches hurt LoRA more than full fine-tuning, and rank does not fix it", "Schulman et al. 2025",
