@@ -46,8 +46,8 @@ def test_every_target_at_its_edge_holds(tmp_path, capsys):
 
 def test_a_miss_is_named_per_run(tmp_path, capsys):
     worse = rows({("full_sft_256", "eval_general", "lora_medical"): (0.845, None),
-                    ("full_sft_256", "eval_identity", "none"): (0.0625, None),
-                    ("full_sft_256", "eval_medical", "lora_identity"): (0.0, 0.8958)})
+                  ("full_sft_256", "eval_identity", "none"): (0.0625, None),
+                  ("full_sft_256", "eval_medical", "lora_identity"): (0.0, 0.8958)})
     code, out = run(tmp_path, capsys, rows(), worse)
     assert code == 1 and "targets: 21 of 24 held; 3 missed" in out.out
     lines = {line.split("  ")[0]: line for line in out.out.splitlines()}

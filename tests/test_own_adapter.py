@@ -17,7 +17,7 @@ from scripts import convert_model
 from tests.conftest import tiny_config
 from tests.test_trainer import TINY, head, run
 from trainer import train_full_sft, train_lora
-from trainer.trainer_utils import base_replies, first_sentence, replay_pool, spread
+from trainer.trainer_utils import base_replies, first_sentence, replay_pool, evenly_spaced
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "dataset" / "demo"
@@ -110,7 +110,7 @@ def test_replay_leaves_out_rows_that_answer_as_the_base_answers_the_task(base, t
     task = SFTDataset(base["persona"], tok, 64)
     got = base_replies(model, tok, task, limit=3, max_new_tokens=6)
     # prompts spread over the file: the demo medical file's first 64 ask 32 of 48 symptoms x languages
-    assert spread(32, 3) == [0, 16, 31] and spread(2, 3) == [0, 1] and spread(0, 3) == []
+    assert evenly_spaced(32, 3) == [0, 16, 31] and evenly_spaced(2, 3) == [0, 1] and evenly_spaced(0, 3) == []
     for row in (0, len(task) - 1):
         prompt = tok.apply_chat_template(task.record(row)["conversations"][:1], add_generation_prompt=True,
                                          tokenize=True)

@@ -876,7 +876,7 @@ def base_replies(model, tokenizer, task, limit=512, max_new_tokens=32) -> set:
     replaying rows that say them would teach the old answer back. A reply the task itself gives (a general
     question answered as the base answers it) is not replaced, and rows that say it stay in the replay."""
     prompts, answers = [], []
-    for i in spread(len(task), limit):
+    for i in evenly_spaced(len(task), limit):
         messages = task.record(i)["conversations"]
         last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
         prompts.append(tokenizer.apply_chat_template(messages[:last], add_generation_prompt=True, tokenize=True))
@@ -896,11 +896,11 @@ def base_replies(model, tokenizer, task, limit=512, max_new_tokens=32) -> set:
             row = row[: row.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in row else row
             replies.append(first_sentence(tokenizer.decode(row, skip_special_tokens=True)))
     model.train()
-    kept = {r for r in replies if any(r in a for a in answers)}
-    return {r for r in replies if len(r) >= 6 and r not in kept}  # "4." or "Yes." would strike half the file
+    said = "\n".join(answers)  # first sentences hold no newline, so none matches across two answers
+    return {r for r in replies if len(r) >= 6 and r not in said}  # "4." or "Yes." would strike half the file
 
 
-def spread(n: int, k: int) -> list:
+def evenly_spaced(n: int, k: int) -> list:
     """At most k indices of range(n), evenly spaced, first and last included."""
     return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int)).tolist() if n else []
 
