@@ -93,8 +93,11 @@ def test_every_experiment_runs_quick_and_resumes(tmp_path, capsys):
         assert (out / "docs" / "lab" / f"{name}.png").stat().st_size > 5000, name
     summary = doc.split("\n## ")[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == sum(len(json.loads((out / "docs" / "lab" / f"{n}.json").read_text()))
-                            for n in lora_lab.TITLES)
+    drawn = [json.loads((out / "docs" / "lab" / f"{n}.json").read_text()) for n in lora_lab.TITLES]
+    assert len(rows) == sum(len(d["verdicts"]) for d in drawn)
+    # the whole lab's time counts a run shared by experiments once: every stored run's own seconds, summed
+    stored = [json.loads(p.read_text()) for p in (out / "runs").iterdir()]
+    assert re.search(rf"trained {len(stored)} runs, {sum(r['seconds'] for r in stored) / 60:.0f} min summed", doc)
     for row in rows:
         assert re.search(r"\*\*(" + "|".join(VERDICTS) + r")\*\*", row), row
     for note in ("(000)", "(001)", "(002)"):  # the seed notes' four claims each get a verdict
