@@ -9,7 +9,7 @@ import torch
 
 from model.checkpoint import safe_torch_load
 from model.model_minimind import MiniMindForCausalLM
-from trainer import train_full_sft, train_lora, train_pretrain
+from trainer import train_full_sft, train_lora, train_pretrain, trainer_utils
 from trainer.trainer_utils import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,6 +353,30 @@ def test_muon_orthogonalises_the_matrices_and_leaves_embeddings_to_adamw(sft_bas
     emb = after["model.embed_tokens.weight"] - start["model.embed_tokens.weight"]
     # lr * g / (|g| + eps): exactly lr but where a gradient entry is as small as AdamW's eps (1e-8).
     assert ((emb.abs() - 1e-3).abs() < 1e-5).float().mean() > 0.95
+
+
+def test_muon_on_cpu_orthogonalises_in_float32_as_torch_does_in_bfloat16():
+    """Our float32 Newton-Schulz against torch's own (bfloat16) on wide and tall matrices, then one step of the trainers'
+    Muon against torch.optim.Muon's own: equal to bfloat16's precision, not bit-equal; torch's function is back after."""
+    import torch.optim._muon as muon_module
+    torch_ns = muon_module._zeropower_via_newtonschulz
+    g = torch.Generator().manual_seed(0)
+    for shape in [(48, 176), (176, 48)]:
+        grad = torch.randn(shape, generator=g)
+        ours = trainer_utils.newton_schulz_float32(grad, (3.4445, -4.775, 2.0315), 5, 1e-7)
+        theirs = torch_ns(grad, (3.4445, -4.775, 2.0315), 5, 1e-7).float()
+        assert ours.dtype == torch.float32 and ours.shape == grad.shape
+        assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max(), shape
+    w, grad = torch.randn(48, 176, generator=g), torch.randn(48, 176, generator=g)
+    ours, theirs = torch.nn.Parameter(w.clone()), torch.nn.Parameter(w.clone())
+    ours.grad, theirs.grad = grad.clone(), grad.clone()
+    trainer_utils.MuonAndAdamW(torch.optim.Muon([ours], lr=1e-2, adjust_lr_fn="match_rms_adamw"), None,
+                               float32=True).step()
+    torch.optim.Muon([theirs], lr=1e-2, adjust_lr_fn="match_rms_adamw").step()
+    mine, want = (ours - w).detach(), (theirs - w).detach()
+    assert (mine - want).abs().max() < 0.05 * want.abs().max()
+    assert not torch.equal(mine, want)  # float32 did run: bfloat16 rounds otherwise
+    assert muon_module._zeropower_via_newtonschulz is torch_ns
 
 
 def test_wsd_schedule_holds_then_falls_linearly(tmp_path, data, capsys):
