@@ -488,7 +488,7 @@ def exp_capacity(lab: Lab):
                          f"{r['train']['loss']:.3f}", "-" if m == "full" else f"{gap[n, m]:+.3f}",
                          "-" if m == "full" else (peel[n, m] or "never")])
     full_large = res[grid[large, "full"]]["heldout"]
-    rows_large = sum(1 for _ in open(task_files(lab.out, f"facts_{large}", lab.scale)[0], encoding="utf-8"))
+    rows_large = len(Path(task_files(lab.out, f"facts_{large}", lab.scale)[0]).read_text(encoding="utf-8").splitlines())
     body = [f"facts_N: N people new to the base, each trained in 3 phrasings and asked in another; {steps} steps of "
             f"batch 16 at each method's best learning rate from the lr experiment (r1 and r4 at r4's, r64 at r64's, "
             f"r16 between), held-out loss every {curve} steps. 'Peels off': the step where the rank's held-out loss "
@@ -762,7 +762,8 @@ def exp_variants(lab: Lab):
         verdicts.append(Verdict(f"At each method's best learning rate the variants land within 1-2% of each other "
                                 f"(r{rank})", "Lee et al. 2026", verdict,
                                 f"held-out loss from {min(losses):.3f} to {max(losses):.3f} (2% of the best: "
-                                f"{close:.3f}; margin {need:.3f}); match {100 * min(matches):.1f}-{100 * max(matches):.1f}%",
+                                f"{close:.3f}; margin {need:.3f}); match {100 * min(matches):.1f}-"
+                                f"{100 * max(matches):.1f}%",
                                 "the variants' loss spread within 2% of the best confirms, beyond twice the seed "
                                 "spread refutes, between the two the seeds cannot tell (held-out match sits near its "
                                 "floor on this task, so loss decides)"))
