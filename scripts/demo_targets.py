@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-BASE, CHAT = "pretrain_256", "full_sft_256"
+BASE, CHAT = "pretrain", "full_sft"  # weight names without their _{hidden_size}
 
 # (what, weight, eval file, adapter or "none", "match" or "mention", at least, at most); rates in %
 TARGETS = [
@@ -31,11 +31,11 @@ MOVE = 3.0  # points an adapter may move eval_general, either way
 
 def rate(rows: list, weight: str, name: str, setting: str, what: str, source: str) -> float:
     for r in rows:
-        if r["weight"] == weight and Path(r["file"]).stem == name and r["setting"] == setting:
+        if r["weight"].rpartition("_")[0] == weight and Path(r["file"]).stem == name and r["setting"] == setting:
             value = r["match_rate" if what == "match" else "mention_rate"]
             if value is not None:
                 return round(100 * value, 6)  # 0.57 * 100 is 56.99999999999999: a target at the edge must hold
-    raise KeyError(f"{source}: no {what} rate for {weight} on {name} under {setting}; run the demo's eval "
+    raise KeyError(f"{source}: no {what} rate for {weight}_* on {name} under {setting}; run the demo's eval "
                    f"(scripts/demo.sh, stage eval) to write every row")
 
 
