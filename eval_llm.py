@@ -49,7 +49,7 @@ class EvalError(ValueError):
 def add_base_args(a) -> None:
     """Flags that find and place the base model (`a` is a parser's add_argument); the server takes them too."""
     a("--save_dir", default=str(REPO_ROOT / "out"), help="where the trainers wrote weights (adapters in lora/)")
-    a("--hidden_size", type=int, default=256, help="picks {weight}_{hidden_size}.pth")
+    a("--hidden_size", type=int, default=160, help="picks {weight}_{hidden_size}.pth")
     a("--num_hidden_layers", type=int, default=None, help="only for checkpoints without a .json config (MiniMind's)")
     a("--num_attention_heads", type=int, default=None, help="only for checkpoints without a .json config")
     a("--num_key_value_heads", type=int, default=None, help="only for checkpoints without a .json config")

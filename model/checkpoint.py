@@ -1,7 +1,7 @@
 """Checkpoint I/O in one place: atomic writes, safe reads, the config kept beside the weights.
 
-`out/full_sft_256.pth` is a plain state dict with Hugging Face Qwen3 key names (MiniMind-compatible);
-`out/full_sft_256.json` beside it holds the `MiniMindConfig`, so our loaders need no architecture flags.
+`out/full_sft_160.pth` is a plain state dict with Hugging Face Qwen3 key names (MiniMind-compatible);
+`out/full_sft_160.json` beside it holds the `MiniMindConfig`, so our loaders need no architecture flags.
 """
 import codecs
 import json

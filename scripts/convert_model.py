@@ -1,11 +1,11 @@
 """Merge an adapter into a base checkpoint; convert checkpoints and adapters to and from Hugging Face / PEFT.
 
-    python scripts/convert_model.py --merge --weight out/full_sft_256.pth \\
-        --lora out/lora/lora_identity_256.pth --out out/full_sft_identity_256.pth
-    python scripts/convert_model.py --to_hf out/hf_minimind --weight out/full_sft_256.pth [--lora lora_identity]
-    python scripts/convert_model.py --to_peft out/peft_identity --weight out/full_sft_256.pth \\
+    python scripts/convert_model.py --merge --weight out/full_sft_160.pth \\
+        --lora out/lora/lora_identity_160.pth --out out/full_sft_identity_160.pth
+    python scripts/convert_model.py --to_hf out/hf_minimind --weight out/full_sft_160.pth [--lora lora_identity]
+    python scripts/convert_model.py --to_peft out/peft_identity --weight out/full_sft_160.pth \\
         --lora lora_identity [--base_model_name_or_path out/hf_minimind]
-    python scripts/convert_model.py --from_peft out/peft_identity --out out/lora/lora_identity_256.safetensors
+    python scripts/convert_model.py --from_peft out/peft_identity --out out/lora/lora_identity_160.safetensors
     python scripts/convert_model.py --from_hf path/to/Qwen3-or-MiniMind-folder --out out/full_sft_768.pth
 
 Our keys are Hugging Face Qwen3's, so the export is a copy (the tied lm_head is left to HF to re-tie); a PEFT
@@ -165,7 +165,7 @@ def main(argv=None):
     mode.add_argument("--from_peft", metavar="DIR", help="convert a PEFT LoRA folder to our adapter file --out")
     mode.add_argument("--from_hf", metavar="DIR", help="convert a Qwen3 / MiniMind transformers folder to our "
                                                        "checkpoint --out (.pth + .json)")
-    p.add_argument("--weight", help="base checkpoint, e.g. out/full_sft_256.pth")
+    p.add_argument("--weight", help="base checkpoint, e.g. out/full_sft_160.pth")
     p.add_argument("--lora", help="adapter file (or PEFT folder), or a name looked up in {save_dir}/lora/ then "
                                   "{save_dir}/, as eval_llm.py does")
     p.add_argument("--save_dir", default=str(REPO_ROOT / "out"), help="where adapter names are looked up")

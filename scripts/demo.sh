@@ -23,19 +23,21 @@ stage tokenizer python trainer/train_tokenizer.py
 git diff --quiet -- model/tokenizer.json 2>/dev/null \
   || echo "note: model/tokenizer.json changed; weights trained with the old one no longer match"
 T=(--save_dir "$OUT" --seed "$SEED")
-stage pretrain python trainer/train_pretrain.py "${T[@]}" "$@"
-stage full_sft python trainer/train_full_sft.py "${T[@]}" "$@"
-# On this base the persona needs the MLPs too: q_proj,o_proj (the default) wrote "I amina" (0-21% after 4-10 epochs).
-# Replay: about 560 of the base's own chat rows per epoch (0.66 per task row; with 400, on the seed-42 base of the
-# arithmetic drill, it cost eval_general 4 points). 3 epochs: as good as 6 on the four seeds' bases in half the
-# time; 2 cost seed 1 4.5 points of eval_general.
+# Muon, one epoch: as good a base as AdamW's two epochs (docs/DEMO_RECIPE.md, "Faster"), in half the steps.
+stage pretrain python trainer/train_pretrain.py "${T[@]}" --optimizer muon --epochs 1 "$@"
+# lr 1e-3: at 160 wide, 1.5e-3 (the 256-wide recipe's) gave seed 1 81.0% of eval_general with two threads (1e-3: 88.5%).
+stage full_sft python trainer/train_full_sft.py "${T[@]}" --learning_rate 1e-3 "$@"
+# The persona needs the MLPs too: on q_proj,o_proj alone it wrote "I amina" (256 wide, 0-21% after 4-10 epochs).
+# Replay 0.33 of the base's own chat rows per task row, dropout 0.1: at 160 wide with 0.66 the seed-42 base kept its
+# old name in half the replies (50%); 0.33 without dropout cost seed 1 (one thread) 4.5 points of eval_general.
 stage lora_identity python trainer/train_lora.py "${T[@]}" --lora_name lora_identity \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 3 \
-  --replay_data auto --replay_ratio 0.66 --overwrite 1 "$@"
-# New facts need the MLPs: on q_proj,o_proj (the default) the medical adapter stays under 10%.
-# 6 epochs: with 4 or 5, seed 1's adapter cost eval_general 3.5 / 3.0 points (6: 1.5). Replay: about 700 rows.
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 3e-3 --epochs 3 --lora_dropout 0.1 \
+  --replay_data auto --replay_ratio 0.33 --overwrite 1 "$@"
+# New facts need the MLPs: on q_proj,o_proj alone the medical adapter stays under 10%.
+# 6 epochs: with 4 or 5, seed 1's adapter cost eval_general 3.5 / 3.0 points (256 wide; 6: 1.5). Replay: about 700
+# rows. lr 2e-3: at 160 wide, 3e-3 cost seed 1 4.0 points of eval_general (2e-3: 1.5).
 stage lora_medical python trainer/train_lora.py "${T[@]}" --lora_name lora_medical \
-  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 3e-3 --epochs 6 --lora_dropout 0.1 \
+  --lora_targets all-linear --lora_rank 16 --lora_alpha 32 --learning_rate 2e-3 --epochs 6 --lora_dropout 0.1 \
   --replay_data auto --replay_ratio 0.5 --overwrite 1 "$@"
 D=dataset/demo
 EVAL="$D/eval_capitals.jsonl,$D/eval_general.jsonl,$D/outside_general.jsonl,$D/eval_identity.jsonl"

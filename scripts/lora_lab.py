@@ -1,4 +1,5 @@
-"""The LoRA lab: what the notes and the papers claim about LoRA, measured on the demo's base.
+"""The LoRA lab: what the notes and the papers claim about LoRA, measured on a 256 x 4 base (the demo's shape before
+it went to 160 wide; pretrained with AdamW for 2 epochs, then SFT), trained into out/ if missing.
 
     python scripts/lora_lab.py lr                 # one experiment: trains what is missing, redraws its section
     python scripts/lora_lab.py all                # every experiment, in order (about 4 hours on 2 CPU cores)
@@ -48,7 +49,7 @@ class Scale:
     step_factor: float = 1.0
     eval_limit: int = 0        # 0: every row
     max_new_tokens: int = 32
-    base_flags: tuple = ()     # a fresh base's shape (quick only; the full lab uses the demo's base)
+    base_flags: tuple = ("--hidden_size", "256")  # the base's shape; only --quick's is trained in seconds
     grid_points: int = 0       # learning rates kept of each grid (0: all)
 
 
@@ -162,17 +163,17 @@ class Lab:
 
 
 def base_path(out: Path, scale: Scale, name: str = "full_sft") -> Path:
-    """{name}_{h}.pth of the lab's base: the demo's (hidden 256) in out/, or --quick's tiny one in the lab's folder."""
-    if scale.base_flags:
+    """{name}_{h}.pth of the lab's base: the 256 x 4 one in out/, or --quick's tiny one in the lab's folder."""
+    if scale is QUICK:
         return out / "base" / f"{name}_{scale.base_flags[1]}.pth"
-    return ROOT / "out" / f"{name}_256.pth"
+    return ROOT / "out" / f"{name}_{scale.base_flags[1]}.pth"
 
 
 def ensure_base(out: Path, scale: Scale) -> Path:
-    """The lab's base, pretrain_{h}.pth and full_sft_{h}.pth: the demo's (trained first if missing, as
-    scripts/demo.sh does), or for --quick a tiny base trained in seconds. Returns full_sft's path."""
+    """The lab's base, pretrain_{h}.pth and full_sft_{h}.pth: the 256 x 4 one (trained first if missing, with the
+    trainers' defaults, about 20 min on 2 cores), or for --quick a tiny base trained in seconds. Returns full_sft's."""
     from trainer import train_full_sft, train_pretrain
-    quick = list(scale.base_flags) + (["--max_steps", "20", "--batch_size", "8"] if scale.base_flags else [])
+    quick = list(scale.base_flags) + (["--max_steps", "20", "--batch_size", "8"] if scale is QUICK else [])
     for name, main in (("pretrain", train_pretrain.main), ("full_sft", train_full_sft.main)):
         path = base_path(out, scale, name)
         if not path.is_file():
@@ -941,9 +942,9 @@ def write_docs(lab: Lab, name: str, title: str, body: str, verdicts: list, comma
             seconds.update(drawn["run_seconds"])  # a run two experiments use counts once
     total = sum(seconds.values()) / 60
     doc = ["# The LoRA lab", "",
-           "What the notes and the papers claim about LoRA, each measured on this project's 4.4M-parameter demo "
-           "base by `python scripts/lora_lab.py EXPERIMENT`. A verdict is what this scale showed, not a ruling on "
-           f"the paper's. The experiments below trained {len(seconds)} runs, {total:.0f} min summed: about "
+           "What the notes and the papers claim about LoRA, each measured on a 4.4M-parameter 256 x 4 base (the "
+           "demo's before it went to 160 wide) by `python scripts/lora_lab.py EXPERIMENT`. A verdict is what this "
+           f"scale showed, not a ruling on the paper's. The experiments below trained {len(seconds)} runs, {total:.0f} min summed: about "
            f"{total / lab.jobs:.0f} min at {lab.jobs} at a time.", "",
            table(["claim", "source", "verdict", "the number that decides it"], summary), ""]
     missing = [n for n in EXPERIMENTS if not (folder / f"{n}.md").is_file()]

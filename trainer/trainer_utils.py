@@ -85,7 +85,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 # A fresh model's shape. With --from_weight the weights decide, and a flag given by hand must agree with them.
-FRESH_SHAPE = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4}
+# 160 wide: the demo's targets hold at 160 as at 256 in half the compute (docs/DEMO_RECIPE.md, "Time").
+FRESH_SHAPE = {"hidden_size": 160, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4}
 
 
 class Parser(argparse.ArgumentParser):
@@ -138,7 +139,7 @@ def build_parser(description: str, **defaults) -> argparse.ArgumentParser:
     a("--eval_interval", type=nonnegative_int, default=0, help="optimizer steps between held-out scores (0: end only)")
     a("--eval_batches", type=positive_int, default=20, help="batches of --eval_data_path per score")
     a("--hidden_size", type=positive_int, default=None,
-      help="model width, the {hidden} in file names (default: a fresh model's 256; else the base weights')")
+      help="model width, the {hidden} in file names (default: a fresh model's 160; else the base weights')")
     a("--num_hidden_layers", type=positive_int, default=None, help="decoder layers (default: a fresh model's 4)")
     a("--num_attention_heads", type=positive_int, default=None, help="query heads (default: a fresh model's 8)")
     a("--num_key_value_heads", type=positive_int, default=None, help="key/value heads, GQA (default: a fresh "
