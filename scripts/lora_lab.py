@@ -944,8 +944,8 @@ def write_docs(lab: Lab, name: str, title: str, body: str, verdicts: list, comma
     doc = ["# The LoRA lab", "",
            "What the notes and the papers claim about LoRA, each measured on a 4.4M-parameter 256 x 4 base (the "
            "demo's before it went to 160 wide) by `python scripts/lora_lab.py EXPERIMENT`. A verdict is what this "
-           f"scale showed, not a ruling on the paper's. The experiments below trained {len(seconds)} runs, {total:.0f} min summed: about "
-           f"{total / lab.jobs:.0f} min at {lab.jobs} at a time.", "",
+           f"scale showed, not a ruling on the paper's. The experiments below trained {len(seconds)} runs, "
+           f"{total:.0f} min summed: about {total / lab.jobs:.0f} min at {lab.jobs} at a time.", "",
            table(["claim", "source", "verdict", "the number that decides it"], summary), ""]
     missing = [n for n in EXPERIMENTS if not (folder / f"{n}.md").is_file()]
     if missing:

@@ -85,7 +85,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 # A fresh model's shape. With --from_weight the weights decide, and a flag given by hand must agree with them.
-# 160 wide: the demo's targets hold at 160 as at 256 in half the compute (docs/DEMO_RECIPE.md, "Time").
+# 160 wide: the demo's targets hold at 160 as at 256 in half the compute (docs/DEMO_RECIPE.md, "Faster").
 FRESH_SHAPE = {"hidden_size": 160, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4}
 
 
